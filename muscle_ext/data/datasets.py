@@ -1,0 +1,65 @@
+"""Dataset construction chosen by config: caching (none / memory / disk) and pooling several datasets, each
+with its own pre-processing, for MD-MoCo."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.transforms import Compose
+from torch.utils.data import ConcatDataset
+
+__all__ = ["make_dataset", "pool_datasets", "split_by_key"]
+
+
+def make_dataset(data: Sequence[Mapping], transform: Callable | Sequence[Callable], cache: str = "none",
+                 cache_dir: str | os.PathLike | None = None, cache_rate: float = 1.0, num_workers: int | None = 0,
+                 progress: bool = False) -> Dataset:
+    """``cache="none"``: decode every epoch; ``"memory"``: MONAI ``CacheDataset`` (the deterministic prefix of
+    the transform chain runs once); ``"disk"``: ``PersistentDataset`` in ``cache_dir`` (survives restarts)."""
+    transform = transform if callable(transform) else Compose(list(transform))
+    data = list(data)
+    if cache == "none":
+        return Dataset(data, transform)
+    if cache == "memory":
+        return CacheDataset(data, transform, cache_rate=cache_rate, num_workers=num_workers, progress=progress)
+    if cache == "disk":
+        if cache_dir is None:
+            raise ValueError("cache='disk' needs a cache_dir")
+        return PersistentDataset(data, transform, cache_dir=cache_dir)
+    raise ValueError(f"cache must be 'none', 'memory' or 'disk', got {cache!r}")
+
+
+def split_by_key(data: Sequence[Mapping], key: str = "dataset", default: str = "default") -> dict[str, list[dict]]:
+    """Group datalist items by a tag such as ``dataset`` (insertion order kept)."""
+    groups: dict[str, list[dict]] = {}
+    for item in data:
+        groups.setdefault(str(item.get(key, default)), []).append(dict(item))
+    return groups
+
+
+def pool_datasets(data: Sequence[Mapping], preprocessing: Mapping[str, Sequence[Callable]],
+                  augmentation: Sequence[Callable] = (), key: str = "dataset", default: str = "default",
+                  **dataset_kwargs: Any) -> ConcatDataset:
+    """One dataset per value of ``key`` with its own pre-processing (``preprocessing[name]``, or
+    ``preprocessing[default]`` for names without their own), followed by the shared augmentation.
+
+    Use with :class:`~muscle_ext.data.sampling.PooledSampler` to weight the datasets. With disk caching each
+    dataset gets its own sub-folder, since their pre-processing differs.
+    """
+    groups = split_by_key(data, key, default)
+    missing = [name for name in groups if name not in preprocessing and default not in preprocessing]
+    if missing:
+        raise ValueError(f"no pre-processing configured for dataset(s) {missing} and no '{default}' entry")
+    datasets = []
+    for name, items in groups.items():
+        chain = [*preprocessing.get(name, preprocessing.get(default, ())), *augmentation]
+        kwargs = dict(dataset_kwargs)
+        if kwargs.get("cache") == "disk" and kwargs.get("cache_dir") is not None:
+            kwargs["cache_dir"] = os.path.join(str(kwargs["cache_dir"]), name)
+        datasets.append(make_dataset(items, Compose(chain), **kwargs))
+    pooled = ConcatDataset(datasets)
+    pooled.names = list(groups)  # which dataset each part of the pool is, for logging and weights
+    return pooled

@@ -1,0 +1,87 @@
+"""Pooling several datasets: one ``ConcatDataset`` and a sampler that draws from each dataset with a chosen
+weight, reproducibly by seed and epoch, each DDP rank taking a disjoint shard."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch.distributed as dist
+from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+__all__ = ["PooledSampler", "dataset_weights"]
+
+
+def dataset_weights(sizes: Sequence[int], weighting: str = "temperature", temperature: float = 2.0,
+                    weights: Sequence[float] | None = None) -> np.ndarray:
+    """Probability of drawing from each dataset.
+
+    ``proportional``: by size (the plain pooled dataset); ``balanced``: equal; ``temperature``: size^(1/T),
+    between the two (T=1 proportional, T->inf balanced), as used for multilingual pooling; ``weights``: given.
+    """
+    sizes_arr = np.asarray(sizes, dtype=np.float64)
+    if (sizes_arr <= 0).any():
+        raise ValueError(f"every pooled dataset needs at least one item, sizes are {list(sizes)}")
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != sizes_arr.shape or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights {list(weights)} must be non-negative, one per dataset ({len(sizes)})")
+    elif weighting == "proportional":
+        w = sizes_arr
+    elif weighting == "balanced":
+        w = np.ones_like(sizes_arr)
+    elif weighting == "temperature":
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        w = sizes_arr ** (1.0 / temperature)
+    else:
+        raise ValueError(f"weighting must be proportional, balanced or temperature, got {weighting!r}")
+    return w / w.sum()
+
+
+class PooledSampler(DistributedSampler):
+    """Sample indices of a ``ConcatDataset`` so that dataset ``d`` is drawn with probability ``p_d``.
+
+    Within a dataset, items are visited in a fresh random order and repeat only after all were seen (small
+    datasets are cycled, large ones subsampled). An epoch has ``num_samples`` draws in all (default: the pooled
+    size), rounded up to a multiple of the world size; rank ``r`` takes draws ``r, r + R, ...`` so ranks never
+    share a draw. The order depends only on ``seed`` and the epoch (MONAI workflows call ``set_epoch`` on
+    ``DistributedSampler`` subclasses, which this is).
+    """
+
+    def __init__(self, dataset: ConcatDataset | Sequence[Dataset], weighting: str = "temperature",
+                 temperature: float = 2.0, weights: Sequence[float] | None = None, num_samples: int | None = None,
+                 seed: int = 0, num_replicas: int | None = None, rank: int | None = None) -> None:
+        concat = dataset if isinstance(dataset, ConcatDataset) else ConcatDataset(list(dataset))
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if rank is None:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        super().__init__(concat, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.sizes = [len(d) for d in concat.datasets]
+        self.offsets = [0, *concat.cumulative_sizes[:-1]]
+        self.probabilities = dataset_weights(self.sizes, weighting, temperature, weights)
+        total = int(num_samples) if num_samples is not None else sum(self.sizes)
+        self.total_size = math.ceil(total / num_replicas) * num_replicas
+        self.num_samples = self.total_size // num_replicas
+
+    def _draws(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        choice = rng.choice(len(self.sizes), size=self.total_size, p=self.probabilities)
+        out = np.empty(self.total_size, dtype=np.int64)
+        for d, (size, offset) in enumerate(zip(self.sizes, self.offsets, strict=True)):
+            positions = np.flatnonzero(choice == d)
+            if positions.size == 0:
+                continue
+            rounds = math.ceil(positions.size / size)
+            order = np.concatenate([rng.permutation(size) for _ in range(rounds)])[: positions.size]
+            out[positions] = order + offset
+        return out
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._draws()[self.rank : self.total_size : self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples

@@ -1,0 +1,160 @@
+"""Dictionary transforms for X-ray pre-processing against data heterogeneity.
+
+Per-dataset pre-processing is a chain built by :func:`xray_preprocessing` from a few settings (intensity
+percentiles, optional CLAHE, target size); everything else is stock MONAI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Resized,
+    ScaleIntensityRangePercentilesd,
+    SpatialPadd,
+    Transform,
+)
+from monai.utils import convert_to_dst_type
+
+from .readers import XRayReader
+
+__all__ = ["CLAHE", "CLAHEd", "AddTagsd", "xray_preprocessing"]
+
+
+def _clip_histogram(hist: np.ndarray, clip: float) -> np.ndarray:
+    """Clip each tile histogram at ``clip`` counts and spread the excess evenly (one pass, as OpenCV)."""
+    excess = np.clip(hist - clip, 0, None).sum(axis=-1, keepdims=True)
+    return np.minimum(hist, clip) + excess / hist.shape[-1]
+
+
+class CLAHE(Transform):
+    """Contrast-limited adaptive histogram equalisation of a ``(C, H, W)`` image with values in [0, 1].
+
+    Tile histograms are clipped at ``clip_limit`` times their mean bin count and their CDFs are bilinearly
+    interpolated between tile centres (Zuiderveld 1994). MONAI has no CLAHE; ITK's adaptive equalisation is
+    far slower on 2-D radiographs.
+    """
+
+    def __init__(self, tiles: int | Sequence[int] = 8, clip_limit: float = 2.0, num_bins: int = 256) -> None:
+        self.tiles = (tiles, tiles) if isinstance(tiles, int) else tuple(tiles)
+        if clip_limit < 1:
+            raise ValueError(f"clip_limit must be >= 1 (a multiple of the mean bin count), got {clip_limit}")
+        self.clip_limit = float(clip_limit)
+        self.num_bins = int(num_bins)
+
+    def _equalise(self, plane: np.ndarray) -> np.ndarray:
+        h, w = plane.shape
+        ty, tx = self.tiles
+        # Pad by reflection so that the tiles divide the image.
+        ph, pw = -h % ty, -w % tx
+        padded = np.pad(plane, ((0, ph), (0, pw)), mode="reflect") if ph or pw else plane
+        th, tw = padded.shape[0] // ty, padded.shape[1] // tx
+        bins = np.clip((padded * (self.num_bins - 1)).round().astype(np.int64), 0, self.num_bins - 1)
+        tiles = bins.reshape(ty, th, tx, tw).transpose(0, 2, 1, 3).reshape(ty, tx, th * tw)
+        offsets = (np.arange(ty * tx) * self.num_bins).reshape(ty, tx, 1)
+        hist = np.bincount((tiles + offsets).ravel(), minlength=ty * tx * self.num_bins)
+        hist = hist.reshape(ty, tx, self.num_bins).astype(np.float64)
+        hist = _clip_histogram(hist, self.clip_limit * th * tw / self.num_bins)
+        cdf = np.cumsum(hist, axis=-1)
+        cdf = (cdf - cdf[..., :1]) / np.maximum(cdf[..., -1:] - cdf[..., :1], 1e-12)
+        # Bilinear interpolation of the tile mappings at each pixel (tile centres as nodes).
+        yc = (np.arange(h) + 0.5) / th - 0.5
+        xc = (np.arange(w) + 0.5) / tw - 0.5
+        y0 = np.clip(np.floor(yc).astype(int), 0, ty - 1)
+        x0 = np.clip(np.floor(xc).astype(int), 0, tx - 1)
+        y1, x1 = np.minimum(y0 + 1, ty - 1), np.minimum(x0 + 1, tx - 1)
+        wy = np.clip(yc - y0, 0, 1)[:, None]
+        wx = np.clip(xc - x0, 0, 1)[None, :]
+        b = bins[:h, :w]
+        top = cdf[y0[:, None], x0[None, :], b] * (1 - wx) + cdf[y0[:, None], x1[None, :], b] * wx
+        bottom = cdf[y1[:, None], x0[None, :], b] * (1 - wx) + cdf[y1[:, None], x1[None, :], b] * wx
+        return (top * (1 - wy) + bottom * wy).astype(np.float32)
+
+    def __call__(self, img: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        array = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+        if array.ndim != 3:
+            raise ValueError(f"CLAHE expects a channel-first 2-D image (C, H, W), got shape {array.shape}")
+        out = np.stack([self._equalise(np.clip(c, 0.0, 1.0)) for c in array])
+        return convert_to_dst_type(out, img, dtype=torch.float32 if isinstance(img, torch.Tensor) else np.float32)[0]
+
+
+class CLAHEd(MapTransform):
+    """Dictionary wrapper of :class:`CLAHE`."""
+
+    def __init__(self, keys: KeysCollection, tiles: int | Sequence[int] = 8, clip_limit: float = 2.0,
+                 num_bins: int = 256, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.clahe = CLAHE(tiles, clip_limit, num_bins)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.clahe(d[key])
+        return d
+
+
+class AddTagsd(MapTransform):
+    """Set tags such as ``dataset`` and ``body_part`` on every item that does not already carry them."""
+
+    def __init__(self, **tags: Any) -> None:
+        super().__init__(list(tags), allow_missing_keys=True)
+        self.tags = tags
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, value in self.tags.items():
+            d.setdefault(key, value)
+        return d
+
+
+def xray_preprocessing(
+    keys: KeysCollection = "image",
+    mask_keys: KeysCollection = (),
+    size: int | Sequence[int] = 256,
+    lower_percentile: float = 0.5,
+    upper_percentile: float = 99.5,
+    clahe: bool | Mapping[str, Any] = False,
+    pad_value: float = 0.0,
+    tags: Mapping[str, Any] | None = None,
+) -> list[Transform]:
+    """The deterministic loading chain for one dataset: load, one float32 channel, robust intensity scaling
+    to [0, 1], optional CLAHE, aspect-preserving resize of the longest side to ``size`` and padding to a
+    square (masks follow the image with nearest-neighbour interpolation).
+
+    Returns a list so that configs can append augmentations and caching can stop before the first random one.
+    """
+    image_keys = [keys] if isinstance(keys, str) else list(keys)
+    masks = [mask_keys] if isinstance(mask_keys, str) else list(mask_keys)
+    side = size if isinstance(size, int) else max(size)
+    all_keys = image_keys + masks
+    chain: list[Transform] = [
+        LoadImaged(all_keys, reader=XRayReader, image_only=True),
+        EnsureChannelFirstd(all_keys),
+        EnsureTyped(all_keys, dtype=torch.float32, track_meta=True),
+        ScaleIntensityRangePercentilesd(
+            image_keys, lower=lower_percentile, upper=upper_percentile, b_min=0.0, b_max=1.0, clip=True
+        ),
+    ]
+    if masks:
+        # Masks are stored 0/255 or 0/1: binarise at half their maximum value.
+        from monai.transforms import AsDiscreted, ScaleIntensityd
+
+        chain += [ScaleIntensityd(masks, minv=0.0, maxv=1.0), AsDiscreted(masks, threshold=0.5)]
+    if clahe:
+        chain.append(CLAHEd(image_keys, **(dict(clahe) if isinstance(clahe, Mapping) else {})))
+    chain += [
+        Resized(all_keys, spatial_size=side, size_mode="longest",
+                mode=["area"] * len(image_keys) + ["nearest"] * len(masks)),
+        SpatialPadd(all_keys, spatial_size=(side, side), mode="constant", value=pad_value),
+    ]
+    if tags:
+        chain.append(AddTagsd(**dict(tags)))
+    return chain

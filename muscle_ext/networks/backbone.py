@@ -1,0 +1,113 @@
+"""ResNet backbones (MONAI ``ResNet``, 2-D, one input channel) and the one backbone checkpoint format.
+
+A backbone maps ``(B, 1, H, W)`` to pooled features ``(B, feature_dim)``; ``backbone_feature_maps`` gives the
+per-stage maps that segmentation and detection heads need.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.networks.nets import ResNet
+from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
+from torch import nn
+
+__all__ = [
+    "BACKBONE_FORMAT",
+    "RESNET_LAYERS",
+    "backbone_feature_dim",
+    "backbone_feature_maps",
+    "build_backbone",
+    "file_sha256",
+    "load_backbone",
+    "load_backbone_checkpoint",
+    "save_backbone",
+]
+
+BACKBONE_FORMAT = "muscle-backbone/1"
+RESNET_LAYERS = {
+    "resnet18": (ResNetBlock, (2, 2, 2, 2)),
+    "resnet34": (ResNetBlock, (3, 4, 6, 3)),
+    "resnet50": (ResNetBottleneck, (3, 4, 6, 3)),
+    "resnet101": (ResNetBottleneck, (3, 4, 23, 3)),
+}
+
+
+def build_backbone(arch: str = "resnet18", in_channels: int = 1, imagenet_stem: bool = True, **kwargs: Any) -> ResNet:
+    """A 2-D MONAI ResNet whose ``fc`` is the identity, so that ``forward`` returns pooled features.
+
+    ``imagenet_stem=True`` gives the standard layout (stride-2 first conv, bias-free downsampling): 4x fewer
+    FLOPs than MONAI's default stem at the same input size, and the same keys as torchvision's ResNet.
+    """
+    if arch not in RESNET_LAYERS:
+        raise ValueError(f"unknown backbone arch '{arch}', expected one of {sorted(RESNET_LAYERS)}")
+    block, layers = RESNET_LAYERS[arch]
+    options: dict[str, Any] = {"conv1_t_size": 7, "conv1_t_stride": 2 if imagenet_stem else 1,
+                               "bias_downsample": not imagenet_stem}
+    options.update(kwargs)
+    net = ResNet(block=block, layers=layers, block_inplanes=[64, 128, 256, 512], spatial_dims=2,
+                 n_input_channels=in_channels, num_classes=1, **options)
+    net.fc = nn.Identity()
+    return net
+
+
+def backbone_feature_dim(backbone: ResNet) -> int:
+    """Width of the pooled feature vector (512 for resnet18/34, 2048 for resnet50/101)."""
+    last = backbone.layer4[-1]
+    conv = last.conv3 if hasattr(last, "conv3") else last.conv2
+    return int(conv.out_channels)
+
+
+def backbone_feature_maps(backbone: ResNet, x: torch.Tensor) -> list[torch.Tensor]:
+    """Feature maps after ``layer1..layer4`` (strides 4, 8, 16, 32 with the ImageNet stem)."""
+    x = backbone.act(backbone.bn1(backbone.conv1(x)))
+    if not backbone.no_max_pool:
+        x = backbone.maxpool(x)
+    maps = []
+    for layer in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
+        x = layer(x)
+        maps.append(x)
+    return maps
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_backbone(path: str | os.PathLike, backbone: nn.Module, arch: str, backbone_kwargs: dict | None = None,
+                  source: dict | None = None) -> str:
+    """Write a backbone checkpoint in the documented format; returns its SHA-256 (for lineage)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
+    payload = {"format": BACKBONE_FORMAT, "arch": arch, "backbone_kwargs": dict(backbone_kwargs or {}),
+               "state_dict": state, "source": dict(source or {})}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # never leave a half-written checkpoint behind
+    return file_sha256(path)
+
+
+def load_backbone_checkpoint(path: str | os.PathLike) -> dict:
+    """Read and check a backbone checkpoint (``weights_only=True``)."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != BACKBONE_FORMAT:
+        raise ValueError(f"{path}: not a {BACKBONE_FORMAT} backbone checkpoint")
+    return payload
+
+
+def load_backbone(path: str | os.PathLike, **override_kwargs: Any) -> ResNet:
+    """Build the backbone a checkpoint describes and load its weights (strict)."""
+    payload = load_backbone_checkpoint(path)
+    kwargs = {**payload["backbone_kwargs"], **override_kwargs}
+    net = build_backbone(payload["arch"], **kwargs)
+    net.load_state_dict(payload["state_dict"], strict=True)
+    return net
