@@ -12,7 +12,7 @@ from .datalist import (
 )
 from .datasets import make_dataset, pool_datasets, split_by_key
 from .readers import XRayReader, XRayReadError, read_xray, xray_format
-from .sampling import PooledSampler, dataset_weights
+from .sampling import DrawSeededDataset, PooledSampler, dataset_weights
 from .transforms import CLAHE, AddTagsd, CLAHEd, xray_preprocessing
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "AddTagsd",
     "CLAHEd",
     "DatalistError",
+    "DrawSeededDataset",
     "PooledSampler",
     "ValidationReport",
     "XRayReadError",
@@ -36,4 +37,5 @@ __all__ = [
     "validate_datalist",
     "write_datalist",
     "xray_format",
+    "xray_preprocessing",
 ]

@@ -40,11 +40,22 @@ def split_by_key(data: Sequence[Mapping], key: str = "dataset", default: str = "
     return groups
 
 
+def _lookup(table: Mapping[str, Any], name: str, default: str, what: str) -> Any:
+    if name in table:
+        return table[name]
+    if default in table:
+        return table[default]
+    raise ValueError(f"no {what} configured for '{name}' and no '{default}' entry (have {sorted(table)})")
+
+
 def pool_datasets(data: Sequence[Mapping], preprocessing: Mapping[str, Sequence[Callable]],
-                  augmentation: Sequence[Callable] = (), key: str = "dataset", default: str = "default",
+                  augmentation: Sequence[Callable] | Mapping[str, Sequence[Callable]] = (), key: str = "dataset",
+                  augmentation_key: str = "body_part", default: str = "default",
                   **dataset_kwargs: Any) -> ConcatDataset:
     """One dataset per value of ``key`` with its own pre-processing (``preprocessing[name]``, or
-    ``preprocessing[default]`` for names without their own), followed by the shared augmentation.
+    ``preprocessing[default]`` for names without their own), followed by its augmentation: one shared chain, or
+    a mapping looked up by the group's ``augmentation_key`` tag (e.g. left-right flips for knees and hands but
+    not for chest X-rays), again with a ``default`` entry.
 
     Use with :class:`~muscle_ext.data.sampling.PooledSampler` to weight the datasets. With disk caching each
     dataset gets its own sub-folder, since their pre-processing differs.
@@ -55,7 +66,11 @@ def pool_datasets(data: Sequence[Mapping], preprocessing: Mapping[str, Sequence[
         raise ValueError(f"no pre-processing configured for dataset(s) {missing} and no '{default}' entry")
     datasets = []
     for name, items in groups.items():
-        chain = [*preprocessing.get(name, preprocessing.get(default, ())), *augmentation]
+        augment = augmentation
+        if isinstance(augmentation, Mapping):
+            tag = str(items[0].get(augmentation_key, default))
+            augment = _lookup(augmentation, tag, default, f"augmentation for {augmentation_key}")
+        chain = [*_lookup(preprocessing, name, default, "pre-processing"), *augment]
         kwargs = dict(dataset_kwargs)
         if kwargs.get("cache") == "disk" and kwargs.get("cache_dir") is not None:
             kwargs["cache_dir"] = os.path.join(str(kwargs["cache_dir"]), name)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.utils.data import ConcatDataset, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-__all__ = ["PooledSampler", "dataset_weights"]
+__all__ = ["DrawSeededDataset", "PooledSampler", "dataset_weights"]
 
 
 def dataset_weights(sizes: Sequence[int], weighting: str = "temperature", temperature: float = 2.0,
@@ -49,11 +49,17 @@ class PooledSampler(DistributedSampler):
     size), rounded up to a multiple of the world size; rank ``r`` takes draws ``r, r + R, ...`` so ranks never
     share a draw. The order depends only on ``seed`` and the epoch (MONAI workflows call ``set_epoch`` on
     ``DistributedSampler`` subclasses, which this is).
+
+    With ``with_seeds=True`` every draw comes as ``(index, seed)``, the seed a function of ``seed``, epoch and
+    draw position only: wrap the dataset in :class:`DrawSeededDataset` and augmentations no longer depend on
+    worker count, worker seeding or where a resumed run restarted. ``skip(n)`` starts the next iteration at
+    this rank's ``n``-th draw, so that a run resumed mid-epoch continues with the batches it had not seen.
     """
 
     def __init__(self, dataset: ConcatDataset | Sequence[Dataset], weighting: str = "temperature",
                  temperature: float = 2.0, weights: Sequence[float] | None = None, num_samples: int | None = None,
-                 seed: int = 0, num_replicas: int | None = None, rank: int | None = None) -> None:
+                 seed: int = 0, num_replicas: int | None = None, rank: int | None = None,
+                 with_seeds: bool = False) -> None:
         concat = dataset if isinstance(dataset, ConcatDataset) else ConcatDataset(list(dataset))
         if num_replicas is None:
             num_replicas = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -66,6 +72,14 @@ class PooledSampler(DistributedSampler):
         total = int(num_samples) if num_samples is not None else sum(self.sizes)
         self.total_size = math.ceil(total / num_replicas) * num_replicas
         self.num_samples = self.total_size // num_replicas
+        self.with_seeds = with_seeds
+        self._skip = 0
+
+    def skip(self, n: int) -> None:
+        """Start the next iteration at this rank's ``n``-th draw (once; later epochs start at 0)."""
+        if not 0 <= n <= self.num_samples:
+            raise ValueError(f"cannot skip {n} of {self.num_samples} draws")
+        self._skip = int(n)
 
     def _draws(self) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -80,8 +94,36 @@ class PooledSampler(DistributedSampler):
             out[positions] = order + offset
         return out
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._draws()[self.rank : self.total_size : self.num_replicas].tolist())
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        positions = np.arange(self.rank, self.total_size, self.num_replicas)[self._skip :]
+        self._skip = 0
+        indices = self._draws()[positions].tolist()
+        if not self.with_seeds:
+            return iter(indices)
+        seeds = np.random.SeedSequence([self.seed, self.epoch, 0x5EED]).generate_state(self.total_size)[positions]
+        return iter(zip(indices, seeds.tolist(), strict=True))
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class DrawSeededDataset(Dataset):
+    """Wraps a dataset (or ``ConcatDataset`` of MONAI datasets) so that ``ds[(index, seed)]`` re-seeds the random
+    transforms before producing item ``index``: the augmentation of a draw depends on its seed alone."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
+        self._transforms = [getattr(p, "transform", None) for p in parts]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        if isinstance(key, tuple):
+            index, seed = key
+            for transform in self._transforms:
+                if hasattr(transform, "set_random_state"):
+                    transform.set_random_state(seed=int(seed) % (2**32))
+            return self.dataset[index]
+        return self.dataset[key]

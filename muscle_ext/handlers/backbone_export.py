@@ -1,0 +1,65 @@
+"""Write the backbone in the one documented checkpoint format when training ends (and every N epochs)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ignite.engine import Engine, Events
+from torch import nn
+
+from ..networks.backbone import save_backbone
+
+__all__ = ["BackboneExporter"]
+
+
+class BackboneExporter:
+    """Save ``backbone_fn()`` (e.g. the MoCo query backbone) to ``path`` with :func:`save_backbone`.
+
+    Args:
+        path: output file, e.g. ``models/backbone.pt``; written atomically, so a kill never leaves half a file.
+        backbone: the backbone module, or a zero-argument callable returning it (for wrapped networks).
+        arch, backbone_kwargs: how to rebuild it (``build_backbone(arch, **backbone_kwargs)``).
+        source: provenance stored in the file (bundle name); the epoch, iteration and the MLflow run id (when an
+            active run exists) are added at save time.
+        interval: also save every ``interval`` epochs (0: only at the end).
+    """
+
+    def __init__(self, path: str | Path, backbone: nn.Module | Callable[[], nn.Module], arch: str,
+                 backbone_kwargs: dict | None = None, source: dict | None = None, interval: int = 0) -> None:
+        self.path = Path(path)
+        self.backbone = backbone
+        self.arch = arch
+        self.backbone_kwargs = dict(backbone_kwargs or {})
+        self.source = dict(source or {})
+        self.interval = int(interval)
+        self.sha256: str | None = None
+        self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+        if self.interval > 0:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine: Engine) -> None:
+        module = self.backbone() if callable(self.backbone) and not isinstance(self.backbone, nn.Module) \
+            else self.backbone
+        source: dict[str, Any] = {**self.source, "epoch": engine.state.epoch, "iteration": engine.state.iteration}
+        run_id = _active_mlflow_run_id()
+        if run_id:
+            source["mlflow_run_id"] = run_id
+        self.sha256 = save_backbone(self.path, module, self.arch, self.backbone_kwargs, source)
+        engine.state.backbone_sha256 = self.sha256
+        self.logger.info(f"backbone saved: {self.path.name} (sha256 {self.sha256[:12]}, epoch {engine.state.epoch})")
+
+
+def _active_mlflow_run_id() -> str | None:
+    try:
+        import mlflow
+
+        run = mlflow.active_run()
+        return run.info.run_id if run else None
+    except Exception:  # tracking must never break saving the model
+        return None

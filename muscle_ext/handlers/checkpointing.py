@@ -1,0 +1,80 @@
+"""Pieces that make a killed run resume exactly where its last checkpoint left it."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+__all__ = ["RNGStates", "ResumeDataPosition", "latest_checkpoint"]
+
+_NUMBER = re.compile(r"=(\d+)\.pt$")
+
+
+def latest_checkpoint(folder: str | Path, prefix: str = "checkpoint") -> str | None:
+    """The checkpoint with the highest iteration/epoch number that ``CheckpointSaver`` wrote in ``folder``, or
+    ``None``: a config passes it to ``CheckpointLoader`` and disables the loader when it is ``None``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.glob(f"{prefix}*.pt") if (m := _NUMBER.search(p.name))]
+    return str(max(found)[1]) if found else None
+
+
+class RNGStates:
+    """Python, NumPy and torch RNG states as a checkpointable object (``state_dict``/``load_state_dict``).
+
+    Stored as tensors and plain Python values only, so the checkpoint still loads with ``weights_only=True``.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        version, mt_state, gauss = random.getstate()
+        np_state = np.random.get_state()
+        state = {
+            "python": [version, torch.tensor(mt_state, dtype=torch.int64), gauss],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        version, mt_state, gauss = state["python"]
+        random.setstate((version, tuple(int(v) for v in mt_state.tolist()), gauss))
+        name, keys, *rest = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ResumeDataPosition:
+    """After a mid-epoch resume, make the sampler skip the draws the interrupted run had already trained on.
+
+    Ignite resumes the iteration count mid-epoch but restarts the data loader from the epoch's first batch;
+    with a :class:`~muscle_ext.data.PooledSampler` this handler moves the loader to the right batch instead.
+    Attach it after the ``CheckpointLoader`` (both run on ``STARTED``).
+    """
+
+    def __init__(self, sampler: Any, batch_size: int) -> None:
+        if not hasattr(sampler, "skip"):
+            raise TypeError(f"{type(sampler).__name__} cannot skip draws; use muscle_ext.data.PooledSampler")
+        self.sampler = sampler
+        self.batch_size = int(batch_size)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        epoch_length = engine.state.epoch_length
+        done = engine.state.iteration % epoch_length if epoch_length else 0
+        if done:
+            self.sampler.set_epoch(engine.state.iteration // epoch_length + 1)
+            self.sampler.skip(done * self.batch_size)
+            engine.logger.info(f"resuming mid-epoch at iteration {engine.state.iteration}: skipping {done} batches")
