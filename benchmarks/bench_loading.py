@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import write_result
 from monai.data import DataLoader
 
-from common import write_result
 from muscle_ext.data import load_datalist, make_dataset, xray_preprocessing
 from muscle_ext.data.augment import TwoViewd, moco_view_augmentations
 

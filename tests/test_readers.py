@@ -9,7 +9,7 @@ from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from muscle_ext.data import XRayReadError, XRayReader, read_xray
+from muscle_ext.data import XRayReader, XRayReadError, read_xray
 from muscle_ext.data.transforms import xray_preprocessing
 
 

@@ -57,6 +57,12 @@ class BackboneExporter:
 
 def _active_mlflow_run_id() -> str | None:
     try:
+        # TrackingHandler logs through MlflowClient, so mlflow.active_run() (the fluent API) does not see its run
+        from .tracking import current_run_id
+
+        run_id = current_run_id()
+        if run_id:
+            return run_id
         import mlflow
 
         run = mlflow.active_run()

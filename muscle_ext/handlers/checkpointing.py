@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +18,32 @@ __all__ = ["RNGStates", "ResumeDataPosition", "latest_checkpoint"]
 _NUMBER = re.compile(r"=(\d+)\.pt$")
 
 
+def _is_complete(path: Path) -> bool:
+    # torch.save writes a zip whose central directory comes last: a write cut short by a kill has none.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def latest_checkpoint(folder: str | Path, prefix: str = "checkpoint") -> str | None:
-    """The checkpoint with the highest iteration/epoch number that ``CheckpointSaver`` wrote in ``folder``, or
-    ``None``: a config passes it to ``CheckpointLoader`` and disables the loader when it is ``None``."""
+    """The newest complete checkpoint (highest iteration/epoch number) that ``CheckpointSaver`` wrote in ``folder``,
+    or ``None``: a config passes it to ``CheckpointLoader`` and disables the loader when it is ``None``.
+
+    MONAI's ``CheckpointSaver`` writes in place (not atomically), so a run killed while saving leaves a truncated
+    file; it is skipped with a warning and the previous checkpoint (``n_saved >= 2``) is used.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    found = [(int(m.group(1)), p) for p in folder.glob(f"{prefix}*.pt") if (m := _NUMBER.search(p.name))]
-    return str(max(found)[1]) if found else None
+    found = sorted(((int(m.group(1)), p) for p in folder.glob(f"{prefix}*.pt") if (m := _NUMBER.search(p.name))),
+                   reverse=True)
+    for _, path in found:
+        if _is_complete(path):
+            return str(path)
+        logging.getLogger(__name__).warning(f"skipping incomplete checkpoint {path.name} (interrupted while saving)")
+    return None
 
 
 class RNGStates:

@@ -10,24 +10,10 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from ..metrics.classification import roc_auc
 from ..metrics.embedding import collapse_score, extract_embeddings, knn_scores
 
 __all__ = ["KNNMonitor"]
-
-
-def _binary_auc(labels: torch.Tensor, scores: torch.Tensor) -> float:
-    """ROC AUC by the rank-sum formula (ties averaged)."""
-    labels = labels.long()
-    pos, neg = int((labels == 1).sum()), int((labels == 0).sum())
-    if pos == 0 or neg == 0:
-        return float("nan")
-    order = scores.argsort()
-    ranks = torch.empty_like(scores, dtype=torch.float64)
-    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
-    for value in scores.unique():  # average ranks of ties
-        tied = scores == value
-        ranks[tied] = ranks[tied].mean()
-    return float((ranks[labels == 1].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
 class KNNMonitor:
@@ -64,7 +50,7 @@ class KNNMonitor:
             "embedding_spread": collapse_score(query_x),
         }
         if self.num_classes == 2:
-            metrics[f"{self.prefix}auc"] = _binary_auc(query_y, scores[:, 1])
+            metrics[f"{self.prefix}auc"] = roc_auc(query_y.numpy(), scores[:, 1].numpy())
         engine.state.metrics.update(metrics)
         self.logger.info("epoch %d monitor: %s", engine.state.epoch,
                          ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

@@ -1,0 +1,41 @@
+"""Ignite handlers with ``attach(engine)``: MLflow experiment tracking (privacy-filtered, outage-proof), lineage,
+backbone export, the kNN health monitor and exact resume."""
+
+from muscle_ext.handlers.backbone_export import BackboneExporter
+from muscle_ext.handlers.checkpointing import ResumeDataPosition, RNGStates, latest_checkpoint
+from muscle_ext.handlers.knn_monitor import KNNMonitor
+from muscle_ext.handlers.privacy import PrivacyFilter, datalist_fingerprint, flatten_config, short_hash
+from muscle_ext.handlers.resilient_client import ResilientMlflowWriter
+from muscle_ext.handlers.tracking import (
+    TRACKING_SETTINGS_PATH,
+    TrackingHandler,
+    checkpoint_lineage,
+    current_run_id,
+    environment_versions,
+    loss_from_output,
+    resolve_tracking_uri,
+    tracking_settings,
+    write_tracking_settings,
+)
+
+__all__ = [
+    "BackboneExporter",
+    "KNNMonitor",
+    "RNGStates",
+    "ResumeDataPosition",
+    "latest_checkpoint",
+    "TRACKING_SETTINGS_PATH",
+    "PrivacyFilter",
+    "ResilientMlflowWriter",
+    "TrackingHandler",
+    "checkpoint_lineage",
+    "current_run_id",
+    "datalist_fingerprint",
+    "environment_versions",
+    "flatten_config",
+    "loss_from_output",
+    "resolve_tracking_uri",
+    "short_hash",
+    "tracking_settings",
+    "write_tracking_settings",
+]

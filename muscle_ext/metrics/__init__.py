@@ -1,0 +1,45 @@
+"""The paper's metrics with bootstrap confidence intervals; figures in ``muscle_ext.metrics.plots`` (matplotlib,
+imported on use)."""
+
+from muscle_ext.metrics.bootstrap import BootstrapCI, bootstrap_ci, bootstrap_indices, bootstrap_mean_ci, ci_dict
+from muscle_ext.metrics.classification import (
+    accuracy,
+    average_ranks,
+    binary_classification_report,
+    confusion_matrix,
+    mae,
+    regression_report,
+    rmse,
+    roc_auc,
+    roc_curve,
+    sensitivity,
+    specificity,
+    to_positive_prob,
+)
+from muscle_ext.metrics.detection import COCO_IOU_RANGE, detection_report
+from muscle_ext.metrics.segmentation import pooled_scores, segmentation_report, segmentation_scores
+
+__all__ = [
+    "COCO_IOU_RANGE",
+    "BootstrapCI",
+    "accuracy",
+    "average_ranks",
+    "binary_classification_report",
+    "bootstrap_ci",
+    "bootstrap_indices",
+    "bootstrap_mean_ci",
+    "ci_dict",
+    "confusion_matrix",
+    "detection_report",
+    "mae",
+    "pooled_scores",
+    "regression_report",
+    "rmse",
+    "roc_auc",
+    "roc_curve",
+    "segmentation_report",
+    "segmentation_scores",
+    "sensitivity",
+    "specificity",
+    "to_positive_prob",
+]

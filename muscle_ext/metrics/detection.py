@@ -1,0 +1,95 @@
+"""Detection summary: COCO mAP (IoU 0.50:0.95), AP50, AP75 and per-class AP with MONAI's ``COCOMetric``.
+
+``COCOMetric`` defaults to IoU 0.10:0.50 (MONAI's lung-nodule setting); we set the standard COCO range.
+Its overall mAP averages in ``-1`` for classes without ground truth; here such classes are NaN and left out of
+the mean, as pycocotools does. Boxes are in MONAI's ``StandardMode`` ``[a0_min, a1_min, a0_max, a1_max]`` (the
+detector's output format); class labels are ``0..len(classes)-1``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.apps.detection.metrics.coco import COCOMetric
+from monai.apps.detection.metrics.matching import matching_batch
+from monai.data.box_utils import box_iou
+
+__all__ = ["COCO_IOU_RANGE", "detection_report"]
+
+COCO_IOU_RANGE = (0.5, 0.95, 0.05)
+
+
+def _numpy(x, dtype=None) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def _boxes(x) -> np.ndarray:
+    return _numpy(x, np.float64).reshape(-1, 4)
+
+
+def detection_report(predictions: Sequence[dict], targets: Sequence[dict], classes: Sequence[str],
+                     max_detections: int = 100, box_key: str = "boxes", label_key: str = "labels",
+                     score_key: str = "labels_scores") -> dict:
+    """COCO-style detection scores over a test set.
+
+    Args:
+        predictions: one dict per image with ``box_key`` ``(D, 4)``, ``label_key`` ``(D,)`` and ``score_key``
+            ``(D,)`` (``RetinaNetDetector`` eval output; ``"scores"`` is accepted when ``score_key`` is absent).
+        targets: one dict per image with ``box_key`` ``(G, 4)`` and ``label_key`` ``(G,)``.
+        classes: class names, index = label.
+
+    Returns:
+        ``{"map": AP@[.50:.95], "ap50", "ap75", "mar": recall@[.50:.95] with ``max_detections``,
+        "per_class": {name: {"ap", "ap50", "ap75"}}, "n_images", "n_gt": {name: count}}``;
+        NaN where undefined (no ground truth of a class).
+    """
+    if len(predictions) != len(targets):
+        raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets")
+    metric = COCOMetric(classes=list(classes), iou_list=(0.5, 0.75), iou_range=COCO_IOU_RANGE,
+                        max_detection=(max_detections,), per_class=True, verbose=False)
+    pred_scores = [_numpy(p[score_key] if score_key in p else p["scores"], np.float64).ravel() for p in predictions]
+    gt_classes = [_numpy(t[label_key], np.int64).ravel() for t in targets]
+    matches = matching_batch(
+        iou_fn=box_iou, iou_thresholds=metric.iou_thresholds,
+        pred_boxes=[_boxes(p[box_key]) for p in predictions],
+        pred_classes=[_numpy(p[label_key], np.int64).ravel() for p in predictions],
+        pred_scores=pred_scores,
+        gt_boxes=[_boxes(t[box_key]) for t in targets], gt_classes=gt_classes,
+        max_detections=max_detections,
+    )
+    coco_logger = logging.getLogger("monai.apps.detection.metrics.coco")
+    previous_level = coco_logger.level
+    coco_logger.setLevel(logging.ERROR)  # it warns for every class without results, which we report as NaN
+    try:
+        scores, _ = metric(matches)
+    finally:
+        coco_logger.setLevel(previous_level)
+
+    range_tag = f"IoU_{COCO_IOU_RANGE[0]:.2f}_{COCO_IOU_RANGE[1]:.2f}_{COCO_IOU_RANGE[2]:.2f}_MaxDet_{max_detections}"
+
+    def value(key: str) -> float:
+        v = scores.get(key, -1.0)
+        return float("nan") if v < 0 else float(v)
+
+    all_gt = np.concatenate(gt_classes) if gt_classes else np.zeros(0, np.int64)
+    n_gt = {name: int(np.sum(all_gt == k)) for k, name in enumerate(classes)}
+    per_class = {}
+    for name in classes:
+        entry = {"ap": value(f"{name}_mAP_{range_tag}"),
+                 "ap50": value(f"{name}_AP_IoU_0.50_MaxDet_{max_detections}"),
+                 "ap75": value(f"{name}_AP_IoU_0.75_MaxDet_{max_detections}")}
+        if n_gt[name] == 0:  # COCOMetric scores 0 or -1 here depending on predictions: undefined either way
+            entry = dict.fromkeys(entry, float("nan"))
+        per_class[name] = entry
+
+    def class_mean(key: str) -> float:
+        values = [c[key] for c in per_class.values() if not np.isnan(c[key])]
+        return float(np.mean(values)) if values else float("nan")
+
+    return {"map": class_mean("ap"), "ap50": class_mean("ap50"), "ap75": class_mean("ap75"),
+            "mar": value(f"mAR_{range_tag}"), "per_class": per_class, "n_images": len(targets), "n_gt": n_gt}

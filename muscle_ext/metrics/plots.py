@@ -1,0 +1,94 @@
+"""Report figures as PNG files: ROC curve, confusion matrix, segmentation overlay.
+
+matplotlib is imported lazily with the Agg backend (it arrives with mlflow; training never needs it).
+Every function returns the written path, ready for ``mlflow.log_artifact``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from muscle_ext.metrics.classification import roc_auc, roc_curve, to_positive_prob
+
+__all__ = ["plot_confusion_matrix", "plot_roc_curve", "plot_segmentation_overlay"]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # headless: no display on training machines
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def plot_roc_curve(y_true: ArrayLike, y_prob: ArrayLike, path: str | os.PathLike, title: str = "ROC curve",
+                   auc_ci: Sequence[float] | None = None) -> Path:
+    """ROC curve with its AUC (and ``auc_ci`` = (low, high) in the legend when given)."""
+    plt = _pyplot()
+    y_prob = to_positive_prob(y_prob)
+    fpr, tpr, _ = roc_curve(y_true, y_prob)
+    label = f"AUC = {roc_auc(y_true, y_prob):.3f}"
+    if auc_ci is not None:
+        label += f" ({auc_ci[0]:.3f}-{auc_ci[1]:.3f})"
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(fpr, tpr, lw=2, label=label)
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity", ylabel="sensitivity", title=title)
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(matrix: ArrayLike, path: str | os.PathLike, class_names: Sequence[str] = ("0", "1"),
+                          title: str = "Confusion matrix") -> Path:
+    """Confusion matrix (rows: truth, columns: prediction) with counts and row percentages."""
+    plt = _pyplot()
+    matrix = np.asarray(matrix)
+    row_totals = np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.2 * len(matrix) + 2.5, 1.2 * len(matrix) + 2))
+    ax.imshow(matrix / row_totals, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), count in np.ndenumerate(matrix):
+        share = count / row_totals[i, 0]
+        ax.text(j, i, f"{count}\n{100 * share:.1f}%", ha="center", va="center",
+                color="white" if share > 0.5 else "black")
+    ticks = np.arange(len(matrix))
+    ax.set(xticks=ticks, yticks=ticks, xticklabels=class_names, yticklabels=class_names, xlabel="predicted",
+           ylabel="true", title=title)
+    return _save(fig, path)
+
+
+def plot_segmentation_overlay(image: ArrayLike, path: str | os.PathLike, pred: ArrayLike | None = None,
+                              label: ArrayLike | None = None, title: str = "", alpha: float = 0.4) -> Path:
+    """Grey image ``(H, W)`` or ``(1, H, W)`` with the predicted mask filled and the ground truth outlined.
+
+    Rows are drawn top to bottom as in our ``(C, H, W)`` convention (``origin="upper"``).
+    """
+    plt = _pyplot()
+    image = np.squeeze(np.asarray(image, dtype=float))
+    fig, ax = plt.subplots(figsize=(5, 5 * image.shape[0] / max(image.shape[1], 1)))
+    ax.imshow(image, cmap="gray", origin="upper")
+    if pred is not None:
+        pred = np.squeeze(np.asarray(pred))
+        ax.imshow(np.ma.masked_where(pred == 0, pred), cmap="autumn", alpha=alpha, origin="upper",
+                  interpolation="nearest")
+    if label is not None:
+        label = np.squeeze(np.asarray(label))
+        for k in np.unique(label[label > 0]):
+            ax.contour(label == k, levels=[0.5], colors="lime", linewidths=1)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)

@@ -1,0 +1,215 @@
+"""Metrics: bootstrap CIs against an independent loop, AUC against sklearn, hand-made masks, COCO mAP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import mean_absolute_error, recall_score, roc_auc_score
+from sklearn.metrics import roc_curve as sk_roc_curve
+
+from muscle_ext.metrics import (
+    binary_classification_report,
+    bootstrap_ci,
+    bootstrap_mean_ci,
+    detection_report,
+    regression_report,
+    roc_auc,
+    roc_curve,
+    segmentation_report,
+    segmentation_scores,
+)
+
+
+def _binary_data(n: int = 120, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.35).astype(int)
+    # rounded scores: many ties, across and within classes
+    score = np.round(np.clip(0.3 * y + rng.normal(0.4, 0.2, n), 0, 1), 1)
+    return y, score
+
+
+def _reference_bootstrap(metric, y, s, n_resamples, alpha, seed, stratified):
+    """Written independently of the library: a plain loop over the documented resampling scheme."""
+    rng = np.random.default_rng(seed)
+    classes = sorted(set(y.tolist()))
+    stats = []
+    for _ in range(n_resamples):
+        if stratified:
+            idx = []
+            for c in classes:
+                members = np.where(y == c)[0]
+                idx.extend(members[rng.integers(0, len(members), len(members))])
+            idx = np.array(idx)
+        else:
+            idx = rng.integers(0, len(y), len(y))
+        if len(set(y[idx].tolist())) < 2:
+            continue
+        stats.append(metric(y[idx], s[idx]))
+    return np.quantile(stats, alpha / 2), np.quantile(stats, 1 - alpha / 2), len(stats)
+
+
+def test_roc_auc_matches_sklearn_with_ties():
+    y, s = _binary_data()
+    assert len(np.unique(s)) < 15  # ties present
+    assert roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
+    assert np.isnan(roc_auc([1, 1, 1], [0.1, 0.2, 0.3]))
+    fpr, tpr, _ = roc_curve(y, s)
+    sk_fpr, sk_tpr, _ = sk_roc_curve(y, s, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr)
+    np.testing.assert_allclose(tpr, sk_tpr)
+
+
+@pytest.mark.parametrize("stratified", [True, False])
+def test_bootstrap_matches_independent_loop(stratified):
+    y, s = _binary_data()
+    point, low, high = bootstrap_ci(roc_auc_score, y, s, n_resamples=200, alpha=0.1, seed=7, stratified=stratified)
+    ref_low, ref_high, _ = _reference_bootstrap(roc_auc_score, y, s, 200, 0.1, 7, stratified)
+    assert point == pytest.approx(roc_auc_score(y, s))
+    assert low == pytest.approx(ref_low) and high == pytest.approx(ref_high)
+    assert low < point < high
+
+
+@pytest.mark.filterwarnings("ignore:Only one class is present")
+def test_bootstrap_skips_undefined_resamples():
+    # 2 positives in 12: some unstratified resamples have no positive, where AUC is undefined
+    y = np.array([1, 1] + [0] * 10)
+    s = np.linspace(0, 1, 12)[::-1]
+    _, _, n_valid = _reference_bootstrap(roc_auc_score, y, s, 200, 0.05, 3, False)
+    assert n_valid < 200
+    point, low, high = bootstrap_ci(roc_auc, y, s, n_resamples=200, seed=3, stratified=False)
+    ref_low, ref_high, _ = _reference_bootstrap(roc_auc_score, y, s, 200, 0.05, 3, False)
+    assert (point, low, high) == pytest.approx((1.0, ref_low, ref_high))
+    # the metric raising ValueError (sklearn on one class) counts as undefined too
+    assert bootstrap_ci(roc_auc_score, y, s, n_resamples=200, seed=3, stratified=False) == pytest.approx(
+        (point, low, high))
+    # undefined on all data: NaN everywhere
+    assert all(np.isnan(bootstrap_ci(roc_auc, np.ones(5), np.arange(5.0), n_resamples=10)))
+
+
+def test_bootstrap_interval_covers_auc_statistically():
+    # the percentile interval of a strong classifier sits around its AUC and shrinks with n
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (100, 800):
+        y = rng.integers(0, 2, n)
+        s = y + rng.normal(0, 1.0, n)
+        point, low, high = bootstrap_ci(roc_auc, y, s, n_resamples=300, seed=1)
+        assert low < point < high and high - low < 0.3
+        widths.append(high - low)
+    assert widths[1] < widths[0] * 0.6  # ~ 1/sqrt(8) in theory
+
+
+def test_binary_classification_report():
+    y, s = _binary_data()
+    report = binary_classification_report(y, s, threshold=0.5, n_resamples=200, seed=0)
+    pred = s >= 0.5
+    assert report["roc_auc"]["value"] == pytest.approx(roc_auc_score(y, s))
+    assert report["accuracy"]["value"] == pytest.approx(np.mean(pred == y))
+    assert report["sensitivity"]["value"] == pytest.approx(recall_score(y, pred))
+    assert report["specificity"]["value"] == pytest.approx(recall_score(1 - y, ~pred))
+    (tn, fp), (fn, tp) = report["confusion_matrix"]
+    assert (tn, fp, fn, tp) == (np.sum(~pred & (y == 0)), np.sum(pred & (y == 0)), np.sum(~pred & (y == 1)),
+                                np.sum(pred & (y == 1)))
+    assert report["n"] == len(y) and report["n_positive"] == int(y.sum())
+    for name in ("accuracy", "sensitivity", "specificity", "roc_auc"):
+        assert report[name]["ci_low"] <= report[name]["value"] <= report[name]["ci_high"]
+    # (N, 2) softmax output gives the same report
+    two_column = binary_classification_report(y, np.stack([1 - s, s], 1), n_resamples=200, seed=0)
+    assert two_column == report
+    with pytest.raises(ValueError):
+        binary_classification_report([0, 2], [0.1, 0.9])
+
+
+def test_regression_report():
+    rng = np.random.default_rng(0)
+    y = rng.normal(100, 30, 60)
+    pred = y + rng.normal(0, 5, 60)
+    report = regression_report(y, pred, n_resamples=200)
+    assert report["mae"]["value"] == pytest.approx(mean_absolute_error(y, pred))
+    assert report["rmse"]["value"] == pytest.approx(np.sqrt(np.mean((y - pred) ** 2)))
+    assert report["mae"]["ci_low"] < report["mae"]["value"] < report["mae"]["ci_high"]
+    assert report["n"] == 60
+
+
+def _masks():
+    # image 0: 4x4 square vs the same square shifted by one column -> |A∩B| = 12, |A|=|B| = 16
+    y = np.zeros((3, 8, 8), dtype=np.int64)
+    p = np.zeros_like(y)
+    y[0, 2:6, 2:6] = 1
+    p[0, 2:6, 3:7] = 1
+    # image 1: perfect
+    y[1, 1:4, 1:4] = 1
+    p[1, 1:4, 1:4] = 1
+    # image 2: no foreground in the ground truth, 2 false-positive pixels
+    p[2, 0, :2] = 1
+    return p, y
+
+
+def test_segmentation_scores_on_hand_made_masks():
+    p, y = _masks()
+    s = segmentation_scores(p, y, num_classes=2)
+    assert s["dice"].shape == (3, 1)
+    assert s["dice"][0, 0] == pytest.approx(2 * 12 / 32)
+    assert s["iou"][0, 0] == pytest.approx(12 / 20)
+    assert s["dice"][1, 0] == 1.0 and s["iou"][1, 0] == 1.0
+    assert np.isnan(s["dice"][2, 0])  # empty ground truth is ignored by default
+    filled = segmentation_scores(p, y, num_classes=2, ignore_empty=False)
+    assert filled["dice"][2, 0] == 0.0  # MONAI's convention: prediction not empty -> 0
+
+    report = segmentation_report(torch.as_tensor(p)[:, None], y, num_classes=2, n_resamples=100)
+    assert report["dice"]["value"] == pytest.approx((0.75 + 1.0) / 2)
+    assert report["miou"]["value"] == pytest.approx((0.6 + 1.0) / 2)
+    assert report["dice_per_class"][1]["value"] == pytest.approx(0.875)
+    # pooled over the set, background included: foreground I=12+9, U=20+9+2; background over 192 pixels
+    fg_inter, fg_union = 21, 31
+    bg_inter, bg_union = 192 - fg_union, 192 - fg_inter
+    assert report["miou_pooled"]["value"] == pytest.approx((fg_inter / fg_union + bg_inter / bg_union) / 2)
+    fg_dice = 2 * 21 / (16 + 9 + 2 + 16 + 9)
+    bg_dice = 2 * bg_inter / ((192 - 27) + (192 - 25))
+    assert report["dice_pooled"]["value"] == pytest.approx((fg_dice + bg_dice) / 2)
+    assert report["n"] == 3
+    with pytest.raises(ValueError):
+        segmentation_scores(np.random.rand(2, 8, 8), y[:2])
+
+
+def test_bootstrap_mean_ignores_nan():
+    point, low, high = bootstrap_mean_ci([0.5, np.nan, 1.0, 0.75], n_resamples=100)
+    assert point == pytest.approx(0.75) and 0.5 <= low <= point <= high <= 1.0
+
+
+def _detections():
+    targets = [
+        {"boxes": np.array([[10, 10, 40, 50], [60, 60, 90, 100]], float), "labels": np.array([0, 1])},
+        {"boxes": np.array([[20, 30, 70, 60]], float), "labels": np.array([0])},
+        {"boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int64)},
+    ]
+    perfect = [{"boxes": torch.as_tensor(t["boxes"]), "labels": torch.as_tensor(t["labels"]),
+                "labels_scores": torch.linspace(0.9, 0.8, len(t["labels"]))} for t in targets]
+    return targets, perfect
+
+
+def test_detection_map_perfect_and_shifted():
+    targets, perfect = _detections()
+    report = detection_report(perfect, targets, classes=["active", "latent"])
+    assert report["map"] == pytest.approx(1.0, abs=1e-6)
+    assert report["ap50"] == pytest.approx(1.0, abs=1e-6)
+    assert report["per_class"]["latent"]["ap"] == pytest.approx(1.0, abs=1e-6)
+    assert report["n_gt"] == {"active": 2, "latent": 1} and report["n_images"] == 3
+
+    # shift every box by 10% of its size along both axes: IoU = 0.81 / 1.19 = 0.68 -> found at IoU 0.50..0.65
+    shifted = []
+    for p in perfect:
+        boxes = p["boxes"].clone()
+        size = boxes[:, 2:] - boxes[:, :2]
+        shifted.append({**p, "boxes": boxes + 0.1 * torch.cat([size, size], 1)})
+    report = detection_report(shifted, targets, classes=["active", "latent"])
+    assert report["ap50"] == pytest.approx(1.0, abs=1e-6)
+    assert report["map"] == pytest.approx(0.4, abs=1e-6)
+    assert report["ap75"] == 0.0
+
+    # a class with no ground truth is undefined, not a zero that drags the mean down
+    report = detection_report(perfect, targets, classes=["active", "latent", "other"])
+    assert np.isnan(report["per_class"]["other"]["ap"]) and report["map"] == pytest.approx(1.0, abs=1e-6)

@@ -1,0 +1,84 @@
+"""The muscle_pretrain bundle run as users run it: on the pooled real X-rays, resumed after a kill, under torchrun."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from muscle_ext.networks import load_backbone_checkpoint
+from tests.bundle_utils import bundle_command, bundle_env, run_bundle
+
+TRAIN = ["train.yaml"]
+
+
+def tiny(tmp: Path, xray_root: Path, **extra) -> dict:
+    """A deterministic run of 2 epochs x 8 iterations on 32 px crops, checkpointing every 3 iterations."""
+    return {"dataset_dir": xray_root, "output_dir": tmp / "out", "model_dir": tmp / "models", "image_size": 32,
+            "batch_size": 8, "num_epochs": 2, "warmup_epochs": 1, "queue_size": 40, "bn_splits": 2,
+            "train#sampler#num_samples": 64, "cache": "none", "num_workers": 0, "ckpt_interval": 3,
+            "monitor_datalist": tmp / "none.json", "amp": False, "channels_last": False, **extra}
+
+
+def test_pretrain_writes_a_backbone_from_pooled_real_xrays(tmp_path, xray_root):
+    overrides = tiny(tmp_path, xray_root, monitor_datalist=xray_root / "pneumonia_nih" / "datalist.json",
+                     monitor_size=48, knn_interval=2, amp=True, channels_last=True)
+    proc = run_bundle("muscle_pretrain", TRAIN, overrides)
+    payload = load_backbone_checkpoint(tmp_path / "models" / "backbone.pt")
+    assert payload["arch"] == "resnet18" and payload["source"]["iteration"] == 16
+    assert "knn_auc" in proc.stdout and "embedding_spread" in proc.stdout
+
+
+def _final_state(folder: Path) -> dict:
+    final = sorted(folder.glob("checkpoint_final_iteration=*.pt"))
+    assert len(final) == 1, sorted(p.name for p in folder.iterdir())
+    return torch.load(final[0], map_location="cpu", weights_only=True)
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, xray_root):
+    reference = run_bundle("muscle_pretrain", TRAIN, tiny(tmp_path / "a", xray_root))
+    assert "resuming mid-epoch" not in reference.stdout
+
+    overrides = tiny(tmp_path / "b", xray_root)
+    ckpt_dir = tmp_path / "b" / "out" / "checkpoints"
+    proc = subprocess.Popen(bundle_command("muscle_pretrain", TRAIN, overrides), env=bundle_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(ckpt_dir.glob("checkpoint_iteration=6.pt")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # mid-epoch: 8 iterations per epoch
+    proc.wait()
+    assert not list(ckpt_dir.glob("checkpoint_final*")), "the run finished before it could be killed"
+    resumed = run_bundle("muscle_pretrain", TRAIN, overrides)
+    assert "resuming mid-epoch" in resumed.stdout
+
+    a, b = _final_state(tmp_path / "a" / "out" / "checkpoints"), _final_state(ckpt_dir)
+    assert a["trainer"]["iteration"] == b["trainer"]["iteration"] == 16
+    assert int(a["model"]["queue_ptr"]) == int(b["model"]["queue_ptr"]) == (16 * 8) % 40
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path, xray_root):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731", "-m"]
+    overrides = tiny(tmp_path, xray_root, num_epochs=1)
+    run_bundle("muscle_pretrain", ["train.yaml", "multi_gpu_train.yaml"], overrides, launcher=launcher)
+    payload = load_backbone_checkpoint(tmp_path / "models" / "backbone.pt")
+    # 64 draws per epoch split over 2 ranks of batch 8: 4 iterations.
+    assert payload["source"]["iteration"] == 4
+    ckpt = _final_state(tmp_path / "out" / "checkpoints")
+    assert int(ckpt["model"]["queue_ptr"]) == (4 * 8 * 2) % 40  # keys of both ranks were enqueued
+
+
+@pytest.mark.parametrize("name", ["train.yaml", "multi_gpu_train.yaml", "quick.yaml"])
+def test_configs_parse(name):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(Path(__file__).resolve().parents[1] / "bundles" / "muscle_pretrain" / "configs" / name)
+    assert parser.get("imports") or name != "train.yaml"
