@@ -1,4 +1,4 @@
-"""X-ray I/O, pre-processing transforms, datalists, dataset pooling and caching."""
+"""X-ray I/O, pre-processing transforms, datalists, dataset pooling and caching, inference output writers."""
 
 from .datalist import (
     DatalistError,
@@ -6,7 +6,9 @@ from .datalist import (
     datalist_from_class_folders,
     datalist_from_csv,
     datalist_from_dicom_tree,
+    datalist_from_folder,
     load_datalist,
+    subset,
     validate_datalist,
     write_datalist,
 )
@@ -14,6 +16,7 @@ from .datasets import make_dataset, pool_datasets, split_by_key
 from .readers import XRayReader, XRayReadError, read_xray, xray_format
 from .sampling import DrawSeededDataset, PooledSampler, dataset_weights
 from .transforms import CLAHE, AddTagsd, CLAHEd, xray_preprocessing
+from .writers import SaveMaskd, case_id, dicom_patient_fields, write_csv, write_mask
 
 __all__ = [
     "CLAHE",
@@ -22,20 +25,27 @@ __all__ = [
     "DatalistError",
     "DrawSeededDataset",
     "PooledSampler",
+    "SaveMaskd",
     "ValidationReport",
     "XRayReadError",
     "XRayReader",
+    "case_id",
     "datalist_from_class_folders",
     "datalist_from_csv",
     "datalist_from_dicom_tree",
+    "datalist_from_folder",
     "dataset_weights",
+    "dicom_patient_fields",
     "load_datalist",
     "make_dataset",
     "pool_datasets",
     "read_xray",
     "split_by_key",
+    "subset",
     "validate_datalist",
+    "write_csv",
     "write_datalist",
+    "write_mask",
     "xray_format",
     "xray_preprocessing",
 ]

@@ -26,7 +26,9 @@ __all__ = [
     "datalist_from_class_folders",
     "datalist_from_csv",
     "datalist_from_dicom_tree",
+    "datalist_from_folder",
     "load_datalist",
+    "subset",
     "validate_datalist",
     "write_datalist",
 ]
@@ -154,6 +156,42 @@ def datalist_from_dicom_tree(root: str | os.PathLike, split: Mapping[str, float]
             logger.debug("skipping header of unreadable DICOM: %s", e)
         items.append(item)
     return _split(items, split, seed)
+
+
+def datalist_from_folder(root: str | os.PathLike, recursive: bool = True, **tags: Any) -> list[dict]:
+    """Every X-ray file under ``root`` (DICOM with or without suffix, PNG/JPEG/TIFF, NIfTI, MHA/NRRD), sorted by
+    path, as an unlabelled item ``{"image": path, "case_id": ...}`` for inference on a clinic's own files.
+
+    ``case_id`` is a hash of the path relative to ``root`` (:func:`muscle_ext.data.writers.case_id`): output file
+    names and prediction tables use it instead of file names, which may carry patient names. Nothing is read
+    from the files here; unreadable ones are reported by :func:`validate_datalist`.
+    """
+    from .writers import case_id
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: folder not found")
+    files = sorted(root.rglob("*") if recursive else root.iterdir())
+    items = [{"image": str(f), "case_id": case_id(f, root), **tags}
+             for f in files if f.is_file() and xray_format(f) is not None]
+    if not items:
+        raise ValueError(f"{root}: no DICOM, PNG/JPEG/TIFF, NIfTI or MHA/NRRD files found")
+    return items
+
+
+def subset(items: Sequence[Mapping], max_items: int | None = None) -> list[dict]:
+    """At most ``max_items`` evenly spaced items (all when ``None``), in their original order.
+
+    For smoke tests and quick runs: unlike a prefix, evenly spaced items keep the mix of a datalist sorted by
+    label or stratum.
+    """
+    items = [dict(i) for i in items]
+    if max_items is None or max_items >= len(items):
+        return items
+    if max_items <= 0:
+        return []
+    index = np.linspace(0, len(items) - 1, int(max_items)).round().astype(int)
+    return [items[i] for i in index]
 
 
 @dataclass(frozen=True)

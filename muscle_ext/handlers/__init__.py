@@ -1,9 +1,11 @@
 """Ignite handlers with ``attach(engine)``: MLflow experiment tracking (privacy-filtered, outage-proof), lineage,
-backbone export, the kNN health monitor and exact resume."""
+backbone export, the kNN health monitor, exact resume, test-set reports and inference outputs."""
 
 from muscle_ext.handlers.backbone_export import BackboneExporter
-from muscle_ext.handlers.checkpointing import ResumeDataPosition, RNGStates, latest_checkpoint
+from muscle_ext.handlers.checkpointing import KeyMetricState, ResumeDataPosition, RNGStates, latest_checkpoint
+from muscle_ext.handlers.evaluation import ClassificationReport, EvaluationReport, RegressionReport, SegmentationReport
 from muscle_ext.handlers.knn_monitor import KNNMonitor
+from muscle_ext.handlers.predictions import MaskColumns, PredictionSaver, ProbabilityColumns, ValueColumns
 from muscle_ext.handlers.privacy import PrivacyFilter, datalist_fingerprint, flatten_config, short_hash
 from muscle_ext.handlers.resilient_client import ResilientMlflowWriter
 from muscle_ext.handlers.tracking import (
@@ -20,7 +22,16 @@ from muscle_ext.handlers.tracking import (
 
 __all__ = [
     "BackboneExporter",
+    "ClassificationReport",
+    "EvaluationReport",
     "KNNMonitor",
+    "KeyMetricState",
+    "MaskColumns",
+    "PredictionSaver",
+    "ProbabilityColumns",
+    "RegressionReport",
+    "SegmentationReport",
+    "ValueColumns",
     "RNGStates",
     "ResumeDataPosition",
     "latest_checkpoint",

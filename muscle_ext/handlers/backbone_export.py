@@ -25,23 +25,36 @@ class BackboneExporter:
         source: provenance stored in the file (bundle name); the epoch, iteration and the MLflow run id (when an
             active run exists) are added at save time.
         interval: also save every ``interval`` epochs (0: only at the end).
+        on_best_metric: attach to a validator instead, and save after each validation round that improved its key
+            metric (the round in which ``CheckpointSaver(save_key_metric=True)`` writes the best model), so that the
+            exported backbone is the best model's.
     """
 
     def __init__(self, path: str | Path, backbone: nn.Module | Callable[[], nn.Module], arch: str,
-                 backbone_kwargs: dict | None = None, source: dict | None = None, interval: int = 0) -> None:
+                 backbone_kwargs: dict | None = None, source: dict | None = None, interval: int = 0,
+                 on_best_metric: bool = False) -> None:
         self.path = Path(path)
         self.backbone = backbone
         self.arch = arch
         self.backbone_kwargs = dict(backbone_kwargs or {})
         self.source = dict(source or {})
         self.interval = int(interval)
+        self.on_best_metric = bool(on_best_metric)
         self.sha256: str | None = None
         self.logger = logging.getLogger(__name__)
 
     def attach(self, engine: Engine) -> None:
+        if self.on_best_metric:
+            engine.add_event_handler(Events.COMPLETED, self._if_best)
+            return
         engine.add_event_handler(Events.COMPLETED, self)
         if self.interval > 0:
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def _if_best(self, engine: Engine) -> None:
+        # a validator run for trainer epoch e ends at epoch e; MONAI sets best_metric_epoch when the metric improved
+        if getattr(engine.state, "best_metric_epoch", -1) == engine.state.epoch:
+            self(engine)
 
     def __call__(self, engine: Engine) -> None:
         module = self.backbone() if callable(self.backbone) and not isinstance(self.backbone, nn.Module) \

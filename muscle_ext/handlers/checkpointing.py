@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-__all__ = ["RNGStates", "ResumeDataPosition", "latest_checkpoint"]
+__all__ = ["KeyMetricState", "RNGStates", "ResumeDataPosition", "latest_checkpoint"]
 
 _NUMBER = re.compile(r"=(\d+)\.pt$")
 
@@ -98,3 +98,34 @@ class ResumeDataPosition:
             self.sampler.set_epoch(engine.state.iteration // epoch_length + 1)
             self.sampler.skip(done * self.batch_size)
             engine.logger.info(f"resuming mid-epoch at iteration {engine.state.iteration}: skipping {done} batches")
+
+
+class KeyMetricState:
+    """A validator's best key metric and the best-model saver's record, as a checkpointable object.
+
+    Put it in the trainer's checkpoint dict: after a resume the validator compares against the best metric of the
+    interrupted run, and ``CheckpointSaver(save_key_metric=True)`` replaces the best model only with a better one
+    (neither is part of an engine's own ``state_dict``). Plain numbers and strings only: loads with
+    ``weights_only=True``.
+    """
+
+    def __init__(self, evaluator: Engine, saver: Any | None = None) -> None:
+        self.evaluator = evaluator
+        self.saver = saver
+
+    def _checkpoint(self) -> Any:
+        # MONAI's CheckpointSaver offers load_state_dict for its key-metric record but no state_dict
+        return getattr(self.saver, "_key_metric_checkpoint", None) if self.saver is not None else None
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self.evaluator.state
+        saved = self._checkpoint().state_dict()["saved"] if self._checkpoint() is not None else []
+        return {"best_metric": float(getattr(state, "best_metric", -1)),
+                "best_metric_epoch": int(getattr(state, "best_metric_epoch", -1)),
+                "saved": [[float(priority), str(name)] for priority, name in saved]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.evaluator.state.best_metric = float(state_dict["best_metric"])
+        self.evaluator.state.best_metric_epoch = int(state_dict["best_metric_epoch"])
+        if self._checkpoint() is not None and state_dict.get("saved"):
+            self._checkpoint().load_state_dict({"saved": [tuple(s) for s in state_dict["saved"]]})

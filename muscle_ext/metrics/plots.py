@@ -1,4 +1,4 @@
-"""Report figures as PNG files: ROC curve, confusion matrix, segmentation overlay.
+"""Report figures as PNG files: ROC curve, confusion matrix, regression scatter, segmentation overlay.
 
 matplotlib is imported lazily with the Agg backend (it arrives with mlflow; training never needs it).
 Every function returns the written path, ready for ``mlflow.log_artifact``.
@@ -15,7 +15,7 @@ from numpy.typing import ArrayLike
 
 from muscle_ext.metrics.classification import roc_auc, roc_curve, to_positive_prob
 
-__all__ = ["plot_confusion_matrix", "plot_roc_curve", "plot_segmentation_overlay"]
+__all__ = ["plot_confusion_matrix", "plot_regression_scatter", "plot_roc_curve", "plot_segmentation_overlay"]
 
 
 def _pyplot():
@@ -91,4 +91,20 @@ def plot_segmentation_overlay(image: ArrayLike, path: str | os.PathLike, pred: A
     ax.set_axis_off()
     if title:
         ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_regression_scatter(y_true: ArrayLike, y_pred: ArrayLike, path: str | os.PathLike,
+                            title: str = "Predicted vs true", unit: str = "") -> Path:
+    """Predicted against true values with the identity line (points on it are exact)."""
+    plt = _pyplot()
+    y_true = np.asarray(y_true, dtype=float).ravel()
+    y_pred = np.asarray(y_pred, dtype=float).ravel()
+    lo = float(min(y_true.min(), y_pred.min())) if y_true.size else 0.0
+    hi = float(max(y_true.max(), y_pred.max())) if y_true.size else 1.0
+    suffix = f" ({unit})" if unit else ""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.scatter(y_true, y_pred, s=12, alpha=0.7)
+    ax.plot([lo, hi], [lo, hi], ls="--", c="grey", lw=1)
+    ax.set(xlabel=f"true{suffix}", ylabel=f"predicted{suffix}", title=title)
     return _save(fig, path)

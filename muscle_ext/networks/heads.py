@@ -39,6 +39,7 @@ __all__ = [
     "find_backbone",
     "freeze_backbone",
     "layerwise_param_groups",
+    "linear_probe",
     "scaled_atrous_rates",
     "stage_channels",
     "stage_strides",
@@ -391,6 +392,23 @@ def freeze_backbone(model: nn.Module, freeze: bool = True) -> ResNet:
     for p in backbone.parameters():
         p.requires_grad_(not freeze)
     return backbone
+
+
+def _keep_eval(module: nn.Module, args: tuple) -> None:
+    module.eval()
+
+
+def linear_probe(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Linear probing when ``enabled``: freeze the backbone and keep it in eval mode, so that BatchNorm uses (and
+    keeps) the pre-trained statistics while only the head trains. Returns ``model`` (unchanged when not enabled).
+
+    Trainers call ``model.train()`` every iteration; a forward pre-hook puts the backbone back in eval mode before
+    each forward pass. The hook is not part of the state dict: checkpoints and TorchScript exports are unaffected.
+    """
+    if enabled:
+        backbone = freeze_backbone(model, True)
+        backbone.register_forward_pre_hook(_keep_eval)
+    return model
 
 
 def _backbone_stage(name: str) -> int:

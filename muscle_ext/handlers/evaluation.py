@@ -1,0 +1,265 @@
+"""Test-set reports: the paper's metrics with bootstrap confidence intervals, written as ``metrics.json`` plus
+figures, by an Ignite handler attached to an evaluator.
+
+A report collects one (prediction, label) pair per item of the evaluator's decollated output, after
+post-processing. When the evaluation epoch ends it writes ``<output_dir>/metrics.json`` and PNG figures under
+``<output_dir>/<figure_dir>/``, and puts the scalar metrics (``<prefix><name>``, ``..._ci_low``, ``..._ci_high``)
+into ``engine.state.metrics`` so that ``StatsHandler`` prints them and ``TrackingHandler`` logs them; list the JSON
+and the figure folder in ``TrackingHandler(artifacts=...)`` to upload them. Nothing per image is written except the
+overlay figures, and no file names: reports stay free of patient identifiers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from muscle_ext.metrics import binary_classification_report, regression_report, segmentation_report, to_positive_prob
+
+__all__ = ["ClassificationReport", "EvaluationReport", "RegressionReport", "SegmentationReport"]
+
+logger = logging.getLogger(__name__)
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _json_ready(obj: Any) -> Any:
+    """NaN/inf become null (strict JSON), numpy scalars become Python numbers, keys become strings."""
+    if isinstance(obj, Mapping):
+        return {str(k): _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _items(output: Any) -> list[Mapping]:
+    if isinstance(output, Mapping):  # an engine run with decollate=False
+        from monai.data import decollate_batch
+
+        return decollate_batch(output)
+    return list(output or [])
+
+
+class EvaluationReport:
+    """Base class: collects predictions and labels, writes the report when the evaluation epoch completes.
+
+    Args:
+        output_dir: where ``filename`` and ``figure_dir`` go.
+        filename: the JSON report.
+        figure_dir: sub-folder of ``output_dir`` for the PNG figures.
+        pred_key, label_key: keys of the post-processed output items.
+        split: name of the evaluated split, recorded in the report.
+        n_resamples, alpha, seed: percentile bootstrap settings (``1 - alpha`` intervals, paired across metrics).
+        metric_prefix: prefix of the scalars put into ``engine.state.metrics``.
+    """
+
+    task = "generic"
+    summary_metrics: Sequence[str] = ()
+
+    def __init__(self, output_dir: str | os.PathLike, filename: str = "metrics.json", figure_dir: str = "figures",
+                 pred_key: str = "pred", label_key: str = "label", split: str = "test", n_resamples: int = 1000,
+                 alpha: float = 0.05, seed: int = 0, metric_prefix: str = "test_") -> None:
+        self.output_dir = Path(output_dir)
+        self.filename = filename
+        self.figure_dir = figure_dir
+        self.pred_key = pred_key
+        self.label_key = label_key
+        self.split = split
+        self.n_resamples = int(n_resamples)
+        self.alpha = float(alpha)
+        self.seed = int(seed)
+        self.metric_prefix = metric_prefix
+        self.report: dict[str, Any] | None = None
+        self.reset()
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        # EPOCH_COMPLETED, not COMPLETED: tracking handlers log state.metrics at the end of the epoch
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        self.preds: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+
+    def collect(self, engine: Engine) -> None:
+        for item in _items(engine.state.output):
+            self.add(item)
+
+    def add(self, item: Mapping) -> None:
+        self.preds.append(_numpy(item[self.pred_key]))
+        self.labels.append(_numpy(item[self.label_key]))
+
+    def compute(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def figures(self, report: Mapping[str, Any], folder: Path) -> list[Path]:
+        return []
+
+    def write(self, engine: Engine) -> dict[str, Any]:
+        if not self.preds:
+            raise RuntimeError(f"{type(self).__name__}: the evaluator produced no predictions (empty {self.split} "
+                               "split?)")
+        report = self.compute()
+        folder = self.output_dir / self.figure_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        figures = [p.relative_to(self.output_dir).as_posix() for p in self.figures(report, folder)]
+        payload = {"task": self.task, "split": self.split, "confidence_level": 1 - self.alpha,
+                   "bootstrap": {"method": "percentile", "resamples": self.n_resamples, "seed": self.seed},
+                   **report, "figures": figures}
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / self.filename
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(_json_ready(payload), indent=2) + "\n")
+        os.replace(tmp, path)
+        self.report = payload
+        engine.state.metrics.update(self.scalars(report))
+        logger.info(f"{self.task} report on {report.get('n')} {self.split} images written to {path}")
+        return payload
+
+    def scalars(self, report: Mapping[str, Any]) -> dict[str, float]:
+        out = {}
+        for name in self.summary_metrics:
+            entry = report[name]
+            out[f"{self.metric_prefix}{name}"] = entry["value"]
+            out[f"{self.metric_prefix}{name}_ci_low"] = entry["ci_low"]
+            out[f"{self.metric_prefix}{name}_ci_high"] = entry["ci_high"]
+        return out
+
+
+class ClassificationReport(EvaluationReport):
+    """Binary classification: accuracy, sensitivity, specificity and ROC AUC with CIs, confusion matrix; figures
+    ``roc_curve.png`` and ``confusion_matrix.png``.
+
+    Predictions are class probabilities ``(2,)`` (or the positive-class probability), labels class indices or
+    one-hot vectors. ``threshold`` applies to the positive-class probability.
+    """
+
+    task = "classification"
+    summary_metrics = ("accuracy", "sensitivity", "specificity", "roc_auc")
+
+    def __init__(self, output_dir: str | os.PathLike, threshold: float = 0.5,
+                 class_names: Sequence[str] = ("negative", "positive"), **kwargs: Any) -> None:
+        super().__init__(output_dir, **kwargs)
+        self.threshold = float(threshold)
+        self.class_names = [str(c) for c in class_names]
+
+    def add(self, item: Mapping) -> None:
+        label = _numpy(item[self.label_key]).ravel()
+        self.preds.append(_numpy(item[self.pred_key]).ravel())
+        self.labels.append(np.asarray(int(label.argmax()) if label.size > 1 else int(round(float(label[0])))))
+
+    def compute(self) -> dict[str, Any]:
+        probs = to_positive_prob(np.stack(self.preds))
+        report = binary_classification_report(np.stack(self.labels), probs, self.threshold, self.n_resamples,
+                                              self.seed, self.alpha)
+        report["class_names"] = self.class_names
+        return report
+
+    def figures(self, report: Mapping[str, Any], folder: Path) -> list[Path]:
+        from muscle_ext.metrics.plots import plot_confusion_matrix, plot_roc_curve
+
+        probs = to_positive_prob(np.stack(self.preds))
+        auc = report["roc_auc"]
+        paths = [plot_confusion_matrix(report["confusion_matrix"], folder / "confusion_matrix.png", self.class_names,
+                                       title=f"{self.split}: threshold {self.threshold:g}")]
+        if all(math.isfinite(v) for v in (auc["value"], auc["ci_low"], auc["ci_high"])):
+            paths.append(plot_roc_curve(np.stack(self.labels), probs, folder / "roc_curve.png",
+                                        title=f"ROC ({self.split})", auc_ci=(auc["ci_low"], auc["ci_high"])))
+        else:
+            logger.warning("ROC curve not drawn: the AUC is undefined (only one class in the labels)")
+        return paths
+
+
+class RegressionReport(EvaluationReport):
+    """Regression (e.g. bone age): MAE and RMSE with CIs in the target's own unit; figure ``scatter.png``.
+    Predictions and labels must already be de-normalised (post-processing)."""
+
+    task = "regression"
+    summary_metrics = ("mae", "rmse")
+
+    def __init__(self, output_dir: str | os.PathLike, unit: str = "", **kwargs: Any) -> None:
+        super().__init__(output_dir, **kwargs)
+        self.unit = unit
+
+    def add(self, item: Mapping) -> None:
+        self.preds.append(_numpy(item[self.pred_key]).reshape(-1)[:1])
+        self.labels.append(_numpy(item[self.label_key]).reshape(-1)[:1])
+
+    def compute(self) -> dict[str, Any]:
+        report = regression_report(np.concatenate(self.labels), np.concatenate(self.preds), self.n_resamples,
+                                   self.seed, self.alpha)
+        report["unit"] = self.unit
+        return report
+
+    def figures(self, report: Mapping[str, Any], folder: Path) -> list[Path]:
+        from muscle_ext.metrics.plots import plot_regression_scatter
+
+        mae = report["mae"]["value"]
+        return [plot_regression_scatter(np.concatenate(self.labels), np.concatenate(self.preds),
+                                        folder / "scatter.png", title=f"{self.split}: MAE {mae:.1f} {self.unit}",
+                                        unit=self.unit)]
+
+
+class SegmentationReport(EvaluationReport):
+    """Segmentation: Dice and mIoU with CIs, per image (foreground classes) and pooled (all classes, the paper's
+    convention); overlay figures ``overlay_<k>.png`` of the first ``num_overlays`` images (prediction filled,
+    ground truth outlined).
+
+    Predictions and labels are one-hot ``(C, H, W)`` or label maps ``(1, H, W)``; ``image_key`` gives the image
+    drawn under the overlays.
+    """
+
+    task = "segmentation"
+    summary_metrics = ("dice", "miou", "dice_pooled", "miou_pooled")
+
+    def __init__(self, output_dir: str | os.PathLike, num_classes: int = 2, num_overlays: int = 4,
+                 image_key: str = "image", **kwargs: Any) -> None:
+        super().__init__(output_dir, **kwargs)
+        self.num_classes = int(num_classes)
+        self.num_overlays = int(num_overlays)
+        self.image_key = image_key
+
+    def reset(self, engine: Engine | None = None) -> None:
+        super().reset(engine)
+        self.images: list[np.ndarray] = []
+
+    @staticmethod
+    def _label_map(x: Any) -> np.ndarray:
+        array = _numpy(x)
+        array = array.argmax(axis=0) if array.ndim == 3 and array.shape[0] > 1 else array.reshape(array.shape[-2:])
+        return np.rint(array).astype(np.uint8)
+
+    def add(self, item: Mapping) -> None:
+        self.preds.append(self._label_map(item[self.pred_key]))
+        self.labels.append(self._label_map(item[self.label_key]))
+        if len(self.images) < self.num_overlays and self.image_key in item:
+            self.images.append(_numpy(item[self.image_key])[0])
+
+    def compute(self) -> dict[str, Any]:
+        report = segmentation_report(np.stack(self.preds), np.stack(self.labels), self.num_classes,
+                                     n_resamples=self.n_resamples, seed=self.seed, alpha=self.alpha)
+        report["num_classes"] = self.num_classes
+        return report
+
+    def figures(self, report: Mapping[str, Any], folder: Path) -> list[Path]:
+        from muscle_ext.metrics.plots import plot_segmentation_overlay
+
+        return [plot_segmentation_overlay(image, folder / f"overlay_{k}.png", self.preds[k], self.labels[k],
+                                          title=f"{self.split} image {k}")
+                for k, image in enumerate(self.images)]
