@@ -119,13 +119,14 @@ class KeyMetricState:
 
     def state_dict(self) -> dict[str, Any]:
         state = self.evaluator.state
-        saved = self._checkpoint().state_dict()["saved"] if self._checkpoint() is not None else []
+        # ignite's record: {key: [(priority, filename), ...]} (the key is "_saved" in ignite 0.5)
+        record = self._checkpoint().state_dict() if self._checkpoint() is not None else {}
         return {"best_metric": float(getattr(state, "best_metric", -1)),
                 "best_metric_epoch": int(getattr(state, "best_metric_epoch", -1)),
-                "saved": [[float(priority), str(name)] for priority, name in saved]}
+                "saver": {k: [[float(p), str(f)] for p, f in v] for k, v in record.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.evaluator.state.best_metric = float(state_dict["best_metric"])
         self.evaluator.state.best_metric_epoch = int(state_dict["best_metric_epoch"])
-        if self._checkpoint() is not None and state_dict.get("saved"):
-            self._checkpoint().load_state_dict({"saved": [tuple(s) for s in state_dict["saved"]]})
+        if self._checkpoint() is not None and state_dict.get("saver"):
+            self._checkpoint().load_state_dict({k: [tuple(i) for i in v] for k, v in state_dict["saver"].items()})

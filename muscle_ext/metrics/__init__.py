@@ -19,6 +19,15 @@ from muscle_ext.metrics.classification import (
 from muscle_ext.metrics.detection import COCO_IOU_RANGE, detection_report
 from muscle_ext.metrics.segmentation import pooled_scores, segmentation_report, segmentation_scores
 
+from .embedding import (
+    collapse_score,
+    extract_embeddings,
+    frozen_backbone_report,
+    knn_scores,
+    linear_probe_scores,
+)
+from .report import write_report
+
 __all__ = [
     "COCO_IOU_RANGE",
     "BootstrapCI",
@@ -42,4 +51,10 @@ __all__ = [
     "sensitivity",
     "specificity",
     "to_positive_prob",
+    "collapse_score",
+    "extract_embeddings",
+    "frozen_backbone_report",
+    "knn_scores",
+    "linear_probe_scores",
+    "write_report",
 ]

@@ -74,3 +74,29 @@ def collapse_score(features: torch.Tensor) -> float:
     0 when every image maps to the same point (collapse)."""
     z = F.normalize(features.float(), dim=1)
     return float(z.std(dim=0).mean() * np.sqrt(z.shape[1]))
+
+
+def frozen_backbone_report(backbone: nn.Module, reference_loader: Iterable, query_loader: Iterable,
+                           device: torch.device | str = "cpu", k: int = 20, n_resamples: int = 1000,
+                           seed: int = 0) -> dict:
+    """Judge a frozen backbone on a labelled binary task: kNN and linear-probe ROC AUC (with 95% bootstrap CI) on
+    the query set, fitted on the reference set; plus the embedding spread (collapse check)."""
+    from .bootstrap import bootstrap_ci, ci_dict
+    from .classification import roc_auc
+
+    ref_x, ref_y = extract_embeddings(backbone, reference_loader, device)
+    query_x, query_y = extract_embeddings(backbone, query_loader, device)
+    num_classes = int(max(ref_y.max(), query_y.max())) + 1
+    scores = {
+        "knn": knn_scores(ref_x, ref_y, query_x, num_classes, k=k),
+        "linear_probe": linear_probe_scores(ref_x, ref_y, query_x, num_classes),
+    }
+    y = query_y.numpy()
+    report: dict = {"n_reference": len(ref_y), "n_query": len(query_y), "feature_dim": int(ref_x.shape[1]),
+                    "embedding_spread": collapse_score(query_x)}
+    for name, probs in scores.items():
+        p = probs.numpy()
+        report[f"{name}_accuracy"] = float((p.argmax(1) == y).mean())
+        if num_classes == 2:
+            report[f"{name}_auc"] = ci_dict(bootstrap_ci(roc_auc, y, p[:, 1], n_resamples=n_resamples, seed=seed))
+    return report
