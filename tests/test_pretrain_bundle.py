@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from muscle_ext.networks import load_backbone_checkpoint
+
 from tests.bundle_utils import bundle_command, bundle_env, run_bundle
 
 TRAIN = ["train.yaml"]
@@ -22,12 +23,12 @@ def tiny(tmp: Path, xray_root: Path, **extra) -> dict:
     return {"dataset_dir": xray_root, "output_dir": tmp / "out", "model_dir": tmp / "models", "image_size": 32,
             "batch_size": 8, "num_epochs": 2, "warmup_epochs": 1, "queue_size": 40, "bn_splits": 2,
             "train#sampler#num_samples": 64, "cache": "none", "num_workers": 0, "ckpt_interval": 3,
-            "monitor_datalist": tmp / "none.json", "amp": False, "channels_last": False, **extra}
+            "monitor_datalist": tmp / "none.json", "amp": False, "channels_last": False, "track": False, **extra}
 
 
 def test_pretrain_writes_a_backbone_from_pooled_real_xrays(tmp_path, xray_root):
     overrides = tiny(tmp_path, xray_root, monitor_datalist=xray_root / "pneumonia_nih" / "datalist.json",
-                     monitor_size=48, knn_interval=2, amp=True, channels_last=True)
+                     monitor_size=48, knn_interval=2, amp=True, channels_last=True, track=True)
     proc = run_bundle("muscle_pretrain", TRAIN, overrides)
     payload = load_backbone_checkpoint(tmp_path / "models" / "backbone.pt")
     assert payload["arch"] == "resnet18" and payload["source"]["iteration"] == 16
@@ -82,3 +83,21 @@ def test_configs_parse(name):
     parser = ConfigParser()
     parser.read_config(Path(__file__).resolve().parents[1] / "bundles" / "muscle_pretrain" / "configs" / name)
     assert parser.get("imports") or name != "train.yaml"
+
+
+def test_pretrain_run_is_tracked_in_local_mlflow(tmp_path, xray_root):
+    """The default store is a SQLite file in the run's output folder; the backbone and datalist hash arrive."""
+    import mlflow
+
+    run_bundle("muscle_pretrain", TRAIN, tiny(tmp_path, xray_root, num_epochs=1, track=True))
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("muscle_pretrain")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["datalist.pretrain.count"] == "3313"  # training 2739 + validation 574
+    assert len(run.data.params["datalist.pretrain.sha256"]) == 64
+    assert "train_loss" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert any("backbone" in a for a in artifacts), artifacts
+    source = load_backbone_checkpoint(tmp_path / "models" / "backbone.pt")["source"]
+    assert source["mlflow_run_id"] == run.info.run_id
