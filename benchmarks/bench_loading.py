@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import write_result
 from monai.data import DataLoader
 
 from muscle_ext.data import load_datalist, make_dataset, xray_preprocessing
 from muscle_ext.data.augment import TwoViewd, moco_view_augmentations
+
+from common import write_result
 
 
 def epoch_rate(loader: DataLoader) -> float:

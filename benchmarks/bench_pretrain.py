@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ def monai_run(configs: list[str], overrides: dict, log: Path) -> dict:
 
 def pretrain(args: argparse.Namespace, name: str, epochs: int, amp: bool) -> dict:
     out = args.work / name
+    shutil.rmtree(out, ignore_errors=True)  # a leftover checkpoint would make the bundle resume
     overrides = {"dataset_dir": args.data, "output_dir": out, "model_dir": out / "models", "image_size": args.size,
                  "batch_size": args.batch, "num_epochs": epochs, "warmup_epochs": 1, "amp": amp,
                  "channels_last": True, "num_workers": 2, "knn_interval": max(1, epochs // 4), "seed": args.seed}

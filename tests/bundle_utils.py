@@ -24,17 +24,24 @@ def bundle_command(bundle: str, configs: Sequence[str], overrides: Mapping[str, 
     return cmd
 
 
-def bundle_env(threads: int = 1) -> dict[str, str]:
+def bundle_env(threads: int = 1, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a bundle subprocess: this one's, minus a tracking server the developer may have exported
+    (tests choose their store), plus ``extra`` (e.g. ``MLFLOW_TRACKING_URI``)."""
     env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
     env.update(OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore", MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING="false")
+    env.update(extra or {})
     return env
 
 
 def run_bundle(bundle: str, configs: Sequence[str], overrides: Mapping[str, object], timeout: float = 600,
                run_id: str | None = None, launcher: Sequence[str] = (sys.executable, "-m"),
-               cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+               cwd: str | os.PathLike | None = None,
+               env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a bundle; ``env`` adds environment variables (see :func:`bundle_env`). Raises with the output on failure."""
     cmd = bundle_command(bundle, configs, overrides, run_id, launcher)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=bundle_env(), cwd=cwd or REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=bundle_env(extra=env),
+                          cwd=cwd or REPO)
     if proc.returncode != 0:
         raise AssertionError(f"bundle run failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-6000:]}")

@@ -15,3 +15,29 @@ def xray_root() -> Path:
     if not (XRAY / "SOURCES.md").is_file():
         pytest.fail(f"real X-ray corpus not found at {XRAY} (set MUSCLE_XRAY_DATA)")
     return XRAY
+
+
+# ------------------------------------------------------------------------------------- a real MLflow server
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow SQLite store to copy (creating one costs 3-10 s here, copying it 0.1 s)."""
+    pytest.importorskip("mlflow")
+    from tests.mlflow_server import make_store_template
+
+    return make_store_template(tmp_path_factory.mktemp("mlflow_template") / "mlruns.db")
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory, store_template):
+    """A real ``mlflow server`` (SQLite store, served artifacts, ``--workers 1``) on 127.0.0.1, shared by the tests
+    of one module (see ``tests/mlflow_server.py``: ``.uri``, ``.root``, ``.db``, ``.artifacts``, ``.stop()``)."""
+    from tests.mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"), store_template).start()
+    try:
+        server.wait_ready()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield server
+    server.stop()
+

@@ -1,4 +1,4 @@
-"""Detection on real TBX11K X-rays: box geometry, fine-tuning + test evaluation as users run the bundle (from scratch
+"""Detection on real TBX11K X-rays: box geometry, fine-tuning + test report as users run the bundle (from scratch
 and from a backbone checkpoint), and inference boxes in each input file's own pixels."""
 
 from __future__ import annotations
@@ -15,22 +15,22 @@ import torch
 from monai.transforms import Compose
 from PIL import Image
 
-from muscle_ext.data import load_datalist
-from muscle_ext.data.boxes import boxes_to_original_grid, detection_preprocessing, swap_box_axes
-from muscle_ext.engines.detection import (
-    DetectionBoxWriter,
-    DetectionCOCOMetric,
-    DetectionMetricsWriter,
-    inference_items,
+from muscle_ext.data import case_id, load_datalist
+from muscle_ext.data.boxes import (
+    BOX_CSV_FIELDS,
+    SaveBoxesd,
+    boxes_to_original_grid,
+    detection_preprocessing,
+    swap_box_axes,
 )
+from muscle_ext.engines.detection import DetectionCOCOMetric, DetectionReport
 from muscle_ext.networks import build_backbone, load_backbone_checkpoint, save_backbone
+
 from tests.bundle_utils import BUNDLES, run_bundle
 
 TASK = "tb_detection_tbx11k"
 CLASSES = ["ActiveTuberculosis", "ObsoletePulmonaryTuberculosis"]
-# common.yaml (shared downstream settings) comes first once it exists, as users merge them
-COMMON = ["common.yaml"] if (BUNDLES / "downstream" / "configs" / "common.yaml").is_file() else []
-TRAIN = [*COMMON, "detection.yaml"]
+TRAIN = ["common.yaml", "detection.yaml"]
 
 
 def _items(xray_root: Path, section: str) -> list[dict]:
@@ -96,8 +96,8 @@ def test_image_without_boxes_keeps_empty_targets(xray_root):
     assert tuple(out["box"].shape) == (0, 4) and tuple(out["label"].shape) == (0,)
 
 
-def test_box_writer_and_metric_in_input_pixels(tmp_path, xray_root):
-    """Perfect predictions on the network grid -> mAP 1 and boxes written back in the input file's pixels."""
+def test_metric_report_and_box_files_in_input_pixels(tmp_path, xray_root):
+    """Perfect predictions on the network grid: mAP 1, and boxes written back in each input file's pixels."""
     chain = Compose(detection_preprocessing(size=96))
     items = [c for i in _items(xray_root, "test") if i["box"] and (c := _crop_columns(i, tmp_path))][:4]
     outputs = []
@@ -107,28 +107,32 @@ def test_box_writer_and_metric_in_input_pixels(tmp_path, xray_root):
         outputs.append({"image": out["image"], "pred": pred, "label": {"box": out["box"], "label": out["label"]}})
     engine = SimpleNamespace(state=SimpleNamespace(output=outputs, metrics={}))
 
-    metric = DetectionCOCOMetric(CLASSES, n_bootstrap=30)
-    metric.reset()
+    metric = DetectionCOCOMetric(CLASSES)
     metric.update(([o["pred"] for o in outputs], [o["label"] for o in outputs]))
-    metric.completed(engine, "test_map")
-    assert engine.state.metrics["test_map"] == pytest.approx(1.0) and engine.state.metrics["test_map_ap50"] == 1.0
-    DetectionMetricsWriter(tmp_path / "metrics.json", metric)(engine)
-    report = json.loads((tmp_path / "metrics.json").read_text())
-    assert report["map_ci"]["ci_low"] == report["map_ci"]["ci_high"] == 1.0
+    metric.completed(engine, "val_map")
+    assert engine.state.metrics["val_map"] == pytest.approx(1.0) and engine.state.metrics["val_map_ap50"] == 1.0
 
-    writer = DetectionBoxWriter(tmp_path / "boxes", CLASSES)
-    writer._reset(engine)
-    writer(engine)
-    for item in items:
-        stem = Path(item["image"]).stem
-        record = json.loads((tmp_path / "boxes" / f"{stem}.json").read_text())
-        assert (record["width"], record["height"]) == (200, 256)
+    report = DetectionReport(tmp_path / "eval", CLASSES, n_resamples=30, num_overlays=2)
+    report.collect(engine)
+    payload = report.write(engine)
+    assert payload["map"] == {"value": 1.0, "ci_low": 1.0, "ci_high": 1.0} and payload["ap50"]["value"] == 1.0
+    assert engine.state.metrics["test_map"] == 1.0 and engine.state.metrics["test_ap50_ci_low"] == 1.0
+    assert sorted(payload["figures"]) == ["figures/detections_0.png", "figures/detections_1.png"]
+    assert (tmp_path / "eval" / "figures" / "detections_0.png").stat().st_size > 1000
+
+    save = SaveBoxesd("pred", tmp_path / "boxes", CLASSES)
+    for item, output in zip(items, outputs, strict=True):
+        written = save(output)
+        name = case_id(item["image"])
+        assert written["pred_file"] == f"{name}_boxes.json" and written["pred_csv_file"] == f"{name}_boxes.csv"
+        record = json.loads((tmp_path / "boxes" / written["pred_file"]).read_text())
+        assert (record["width"], record["height"]) == (200, 256) and record["case_id"] == name
         np.testing.assert_allclose([d["box"] for d in record["detections"]], item["box"], atol=0.011)
-        with open(tmp_path / "boxes" / f"{stem}.csv", newline="") as f:
+        with open(tmp_path / "boxes" / written["pred_csv_file"], newline="") as f:
             rows = list(csv.DictReader(f))
         np.testing.assert_allclose([[float(r[k]) for k in ("x1", "y1", "x2", "y2")] for r in rows], item["box"],
                                    atol=0.011)
-        assert [r["label_name"] for r in rows] == [CLASSES[k] for k in item["label"]]
+        assert [r["class_name"] for r in rows] == [CLASSES[k] for k in item["label"]]
 
 
 # ---------------------------------------------------------------------------------------------------- bundle runs
@@ -152,26 +156,36 @@ def tiny(tmp: Path, datalist: Path, **extra) -> dict:
             "n_bootstrap": 20, **extra}
 
 
+def _no_tracking(tmp: Path) -> str:
+    # `tracking` cannot be overridden on the command line (`monai.bundle run` owns `--tracking`): a file can
+    path = tmp / "no_tracking.yaml"
+    path.write_text("tracking: false\n")
+    return str(path)
+
+
 def _check_metrics(path: Path, n_images: int) -> dict:
     report = json.loads(path.read_text())
-    assert report["task"] == "detection" and report["split"] == "test" and report["n_images"] == n_images
+    assert report["task"] == "detection" and report["split"] == "test" and report["n"] == n_images
     assert set(report["per_class"]) == set(CLASSES) and report["n_gt"]["ObsoletePulmonaryTuberculosis"] > 0
-    for value in (report["map"], report["ap50"], *(c["ap"] for c in report["per_class"].values())):
-        assert 0.0 <= value <= 1.0
-    ci = report["map_ci"]
-    assert ci["ci_low"] <= ci["value"] == report["map"] <= ci["ci_high"] and ci["n_resamples"] == 20
+    for name in ("map", "ap50", "ap75"):
+        entry = report[name]
+        assert 0.0 <= entry["ci_low"] <= entry["value"] <= entry["ci_high"] <= 1.0, (name, entry)
+    assert all(0.0 <= c["ap"] <= 1.0 for c in report["per_class"].values())
+    assert report["bootstrap"]["resamples"] == 20 and len(report["figures"]) == 4
     return report
 
 
-def test_finetune_from_scratch_then_test_metrics(tmp_path, xray_root):
+def test_finetune_from_scratch_then_test_report(tmp_path, xray_root):
     datalist = _slice_datalist(xray_root, tmp_path)
-    run_bundle("downstream", TRAIN, tiny(tmp_path, datalist, init="scratch"))
-    report = _check_metrics(tmp_path / "out" / "metrics.json", n_images=6)
-    assert report["init"] == "scratch"
+    overrides = tiny(tmp_path, datalist, init="scratch")
+    run_bundle("downstream", TRAIN, overrides)
     state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert any(k.startswith("network.feature_extractor.backbone.") for k in state)
     backbone = load_backbone_checkpoint(tmp_path / "models" / "backbone.pt")
     assert backbone["arch"] == "resnet18" and backbone["source"]["task"] == "detection"
+
+    run_bundle("downstream", [*TRAIN, "evaluate.yaml"], overrides)
+    _check_metrics(tmp_path / "out" / "metrics.json", n_images=6)
     assert (tmp_path / "out" / "mlruns.db").is_file()  # MLflow tracking is on by default
 
 
@@ -181,20 +195,19 @@ def test_finetune_from_checkpoint_backbone_evaluate_and_infer(tmp_path, xray_roo
     save_backbone(tmp_path / "pretrained.pt", pretrained, "resnet18", {"imagenet_stem": True},
                   source={"bundle": "muscle_pretrain"})
     datalist = _slice_datalist(xray_root, tmp_path)
+    configs = [*TRAIN, _no_tracking(tmp_path)]
     # learning rate 0: the backbone weights that come out must be exactly the checkpoint's
     overrides = tiny(tmp_path, datalist, init="checkpoint", init_weights=tmp_path / "pretrained.pt",
-                     num_epochs=1, learning_rate=0.0, track_mlflow=False, amp=False)
-    run_bundle("downstream", TRAIN, overrides)
+                     num_epochs=1, learning_rate=0.0, amp=False)
+    run_bundle("downstream", configs, overrides)
     state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     prefix = "network.feature_extractor.backbone."
     for key, value in pretrained.state_dict().items():
         if "running" not in key and "num_batches" not in key:  # BatchNorm statistics follow the data
             assert torch.equal(state[prefix + key], value), key
 
-    # evaluation alone, on the model just written
-    (tmp_path / "out" / "metrics.json").unlink()
-    run_bundle("downstream", [*TRAIN, "evaluate_detection.yaml"], overrides)
-    assert _check_metrics(tmp_path / "out" / "metrics.json", n_images=6)["init"] == "checkpoint"
+    run_bundle("downstream", [*configs, "evaluate.yaml"], overrides)
+    _check_metrics(tmp_path / "out" / "metrics.json", n_images=6)
 
     # inference on a folder: a non-square PNG and a DICOM (MONOCHROME1, 880 x 880), boxes in their own pixels
     inputs = tmp_path / "inputs"
@@ -202,29 +215,36 @@ def test_finetune_from_checkpoint_backbone_evaluate_and_infer(tmp_path, xray_roo
     crop = next(c for i in _items(xray_root, "test") if i["box"] and (c := _crop_columns(i, inputs)))
     dicom = xray_root / "dicom" / "derived" / "RG3_half_uncompressed_MONOCHROME1.dcm"
     (inputs / "scan.dcm").write_bytes(dicom.read_bytes())
-    assert len(inference_items(inputs)) == 2
-    run_bundle("downstream", [*TRAIN, "inference_detection.yaml"],
-               {**overrides, "input": inputs, "boxes_dir": tmp_path / "boxes", "detector#score_thresh": 0.0})
-    sizes = {Path(crop["image"]).stem: (200, 256), "scan": (880, 880)}
-    for stem, (width, height) in sizes.items():
-        text = (tmp_path / "boxes" / f"{stem}.json").read_text()
+    run_bundle("downstream", [*configs, "inference_detection.yaml"],
+               {**overrides, "input_dir": inputs, "inference#boxes_dir": tmp_path / "boxes",
+                "detector#score_thresh": 0.0, "inference#score_threshold": 0.0})
+    with open(tmp_path / "out" / "predictions.csv", newline="") as f:
+        table = {row["case_id"]: row for row in csv.DictReader(f)}
+    sizes = {case_id(crop["image"], inputs): (200, 256), case_id(inputs / "scan.dcm", inputs): (880, 880)}
+    assert set(table) == set(sizes)
+    for name, (width, height) in sizes.items():
+        text = (tmp_path / "boxes" / f"{name}_boxes.json").read_text()
         record = json.loads(text)
-        assert set(record) == {"image", "width", "height", "box_format", "classes", "detections"}
-        assert (record["width"], record["height"]) == (width, height) and "/" not in record["image"]
-        assert "CompressedSamples" not in text  # the DICOM's (synthetic) patient name
+        assert set(record) == {"case_id", "width", "height", "box_format", "class_names", "detections"}
+        assert (record["width"], record["height"]) == (width, height)
+        assert "CompressedSamples" not in text and "scan" not in text and "crop" not in text  # no names
         boxes = np.array([d["box"] for d in record["detections"]])
         assert len(boxes) > 0 and (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= width).all()
         assert (boxes[:, 3] <= height).all() and (boxes[:, 2:] >= boxes[:, :2]).all()
-        with open(tmp_path / "boxes" / f"{stem}.csv", newline="") as f:
+        with open(tmp_path / "boxes" / f"{name}_boxes.csv", newline="") as f:
             rows = list(csv.DictReader(f))
-        assert len(rows) == len(boxes) and list(rows[0]) == list(DetectionBoxWriter.CSV_FIELDS)
+        assert len(rows) == len(boxes) and tuple(rows[0]) == BOX_CSV_FIELDS
         assert all(math.isfinite(float(r["score"])) for r in rows)
+        row = table[name]
+        assert (int(row["columns"]), int(row["rows"]), int(row["n_boxes"])) == (width, height, len(boxes))
+        assert row["boxes_file"] == f"{name}_boxes.json"
 
 
-@pytest.mark.parametrize("extra", [[], ["evaluate_detection.yaml"], ["inference_detection.yaml"]])
+@pytest.mark.parametrize("extra", [[], ["evaluate.yaml"], ["inference_detection.yaml"]])
 def test_configs_parse(extra):
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config([str(BUNDLES / "downstream" / "configs" / c) for c in [*TRAIN, *extra]])
-    assert parser["classes"] == CLASSES and parser["run"]
+    assert parser["class_names"] == CLASSES and parser["task"] == "detection" and parser["run"]
+    assert "$import muscle_ext.engines.detection" in parser["imports"]

@@ -101,3 +101,36 @@ def test_pretrain_run_is_tracked_in_local_mlflow(tmp_path, xray_root):
     assert any("backbone" in a for a in artifacts), artifacts
     source = load_backbone_checkpoint(tmp_path / "models" / "backbone.pt")["source"]
     assert source["mlflow_run_id"] == run.info.run_id
+
+
+def test_evaluate_and_inference_configs(tmp_path, xray_root):
+    """evaluate.yaml scores a frozen backbone (and the random-init baseline); inference.yaml embeds a datalist."""
+    import json
+
+    import numpy as np
+
+    from muscle_ext.networks import build_backbone, save_backbone
+
+    torch.manual_seed(0)
+    backbone = tmp_path / "backbone.pt"
+    save_backbone(backbone, build_backbone("resnet18"), "resnet18", {"imagenet_stem": True}, {"bundle": "test"})
+    common = {"dataset_dir": xray_root, "image_size": 32, "num_workers": 0}
+    for init in ("checkpoint", "scratch"):
+        run_bundle("muscle_pretrain", ["evaluate.yaml"], {**common, "init": init, "backbone_path": backbone,
+                                                          "output_dir": tmp_path / init, "n_resamples": 100})
+        report = json.loads((tmp_path / init / "metrics.json").read_text())
+        assert report["n_reference"] == 707 and report["n_query"] == 160 and report["init"] == init
+        for key in ("knn_auc", "linear_probe_auc"):
+            auc = report[key]
+            assert 0 <= auc["ci_low"] <= auc["value"] <= auc["ci_high"] <= 1
+
+    datalist = tmp_path / "few.json"
+    datalist.write_text(json.dumps({"validation": [{"image": str(p)} for p in sorted(
+        (xray_root / "dicom").rglob("*.dcm"))]}))
+    run_bundle("muscle_pretrain", ["inference.yaml"], {**common, "backbone_path": backbone, "datalist": datalist,
+                                                       "output_dir": tmp_path / "emb"})
+    saved = np.load(tmp_path / "emb" / "embeddings.npz")
+    assert saved["embeddings"].shape == (6, 512) and saved["index"].tolist() == list(range(6))
+    exported = load_backbone_checkpoint(tmp_path / "emb" / "backbone.pt")
+    reference = load_backbone_checkpoint(backbone)
+    assert all(torch.equal(v, exported["state_dict"][k]) for k, v in reference["state_dict"].items())

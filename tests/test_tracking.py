@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -33,6 +27,8 @@ from muscle_ext.handlers import (
     tracking_settings,
 )
 
+from tests.mlflow_server import free_port
+
 mlflow = pytest.importorskip("mlflow")
 
 MARKER = "PATIENT_MARKER_12345"
@@ -40,18 +36,8 @@ WRITER_LOG = "muscle_ext.handlers.resilient_client"
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def store_template(tmp_path_factory) -> Path:
-    """An empty, migrated MLflow SQLite store: creating one costs 3-10 s here, copying it 0.1 s."""
-    path = tmp_path_factory.mktemp("template") / "mlruns.db"
-    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
+# `store_template` and `mlflow_server` (a real server shared by this module's tests) are in tests/conftest.py;
+# `test_server_dies_mid_run` stops the server, so it is the last test here to use it.
 
 
 @pytest.fixture
@@ -64,47 +50,6 @@ def local_store(store_template):
         return resolve_tracking_uri(output_dir)
 
     return make
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory, store_template):
-    """A real ``mlflow server`` (SQLite store, served artifacts) on a free port, shared by this module's tests
-    (it takes 8-30 s to start here); ``test_server_dies_mid_run`` stops it, so it is the last one to use it."""
-    port = _free_port()
-    root = tmp_path_factory.mktemp("server")
-    shutil.copy(store_template, root / "srv.db")
-    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", f"sqlite:///{root}/srv.db",
-           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            log.close()
-            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.3)
-
-    def stop():
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # its own session: stops the server's workers too
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-    proc.stop = stop
-    yield {"uri": url, "proc": proc, "root": root}
-    stop()
-    log.close()
 
 
 @pytest.fixture(autouse=True)
@@ -220,9 +165,9 @@ def test_shipped_settings_file_is_current():
 
 # --------------------------------------------------------------------------- a real server
 def test_server_receives_run(mlflow_server, tmp_path):
-    client = mlflow.MlflowClient(mlflow_server["uri"])
+    client = mlflow.MlflowClient(mlflow_server.uri)
     parent = client.create_run(client.create_experiment("parents")).info.run_id
-    assert mlflow_server["proc"].poll() is None, "the server was stopped by an earlier test"
+    assert mlflow_server.is_running(), "the server was stopped by an earlier test"
     ckpt = tmp_path / "pretrained.pt"
     torch.save({"format": "muscle-backbone/1", "state_dict": {"w": torch.zeros(2)},
                 "source": {"bundle": "muscle_pretrain", "mlflow_run_id": "abc123", "epoch": 7}}, ckpt)
@@ -234,10 +179,10 @@ def test_server_receives_run(mlflow_server, tmp_path):
     extra_file.write_text('{"auc": 0.5}')
     seen = {}
 
-    train_h = TrackingHandler(output_dir=out, tracking_uri=mlflow_server["uri"], experiment_name="t",
+    train_h = TrackingHandler(output_dir=out, tracking_uri=mlflow_server.uri, experiment_name="t",
                               config=config, datalists={"train": str(datalist)}, parent_checkpoint=ckpt,
                               parent_run_id=parent, artifacts=[str(out / "ckpt"), str(extra_file)])
-    val_h = TrackingHandler(output_dir=out, tracking_uri=mlflow_server["uri"], experiment_name="t",
+    val_h = TrackingHandler(output_dir=out, tracking_uri=mlflow_server.uri, experiment_name="t",
                             iteration_log=False, close_on_complete=False)
     trainer, net, _ = _trainer([train_h], [val_h])
     CheckpointSaver(str(out / "ckpt"), {"net": net}, save_final=True).attach(trainer)
@@ -270,11 +215,11 @@ def test_server_receives_run(mlflow_server, tmp_path):
 def test_server_dies_mid_run(mlflow_server, tmp_path, caplog):  # keep it the last test using mlflow_server
     caplog.set_level(logging.INFO)
     out = tmp_path / "out"
-    handler = TrackingHandler(output_dir=out, tracking_uri=mlflow_server["uri"], config={"lr": 0.1},
+    handler = TrackingHandler(output_dir=out, tracking_uri=mlflow_server.uri, config={"lr": 0.1},
                               artifacts=[str(out / "ckpt")])
     trainer, net, _ = _trainer([handler], max_epochs=3)
     CheckpointSaver(str(out / "ckpt"), {"net": net}, save_interval=1).attach(trainer)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda e: mlflow_server["proc"].stop())
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=3), lambda e: mlflow_server.stop())
     t0 = time.monotonic()
     trainer.run()
     assert time.monotonic() - t0 < 30  # a dead server costs seconds, not minutes
@@ -288,7 +233,7 @@ def test_server_dies_mid_run(mlflow_server, tmp_path, caplog):  # keep it the la
 
 
 def test_server_down_from_the_start(tmp_path, caplog):
-    handler = TrackingHandler(output_dir=tmp_path, tracking_uri=f"http://127.0.0.1:{_free_port()}",
+    handler = TrackingHandler(output_dir=tmp_path, tracking_uri=f"http://127.0.0.1:{free_port()}",
                               config={"lr": 0.1})
     trainer, _, _ = _trainer([handler])
     t0 = time.monotonic()

@@ -16,7 +16,11 @@ between: MONAI's spatial transforms keep the image's ``affine`` up to date and `
 
 from __future__ import annotations
 
+import csv
+import json
+import os
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,9 +42,13 @@ from monai.transforms import (
 from monai.utils import MetaKeys
 
 from .transforms import xray_preprocessing
+from .writers import case_id, source_path
 
 __all__ = [
+    "BOX_CSV_FIELDS",
     "BoxesFollowImaged",
+    "ClipBoxToImageIfPresentd",
+    "SaveBoxesd",
     "SwapBoxAxesd",
     "as_box_tensor",
     "boxes_to_original_grid",
@@ -141,6 +149,16 @@ class BoxesFollowImaged(MapTransform):
         return d
 
 
+class ClipBoxToImageIfPresentd(ClipBoxToImaged):
+    """MONAI's ``ClipBoxToImaged`` (clip boxes to the image, drop empty ones with their labels) that lets items
+    without boxes through (inference): MONAI's reads the box and label keys even with ``allow_missing_keys``."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        if self.box_keys not in data and self.allow_missing_keys:
+            return dict(data)
+        return super().__call__(data)
+
+
 def detection_preprocessing(image_key: str = "image", box_key: str = "box", label_key: str = "label",
                             size: int | Sequence[int] = 256, **xray_kwargs: Any) -> list[Transform]:
     """The deterministic chain for detection items: :func:`~muscle_ext.data.xray_preprocessing` on the image
@@ -152,7 +170,7 @@ def detection_preprocessing(image_key: str = "image", box_key: str = "box", labe
         SwapBoxAxesd(box_key, allow_missing_keys=True),
         EnsureTyped(label_key, dtype=torch.int64, track_meta=False, allow_missing_keys=True),
         BoxesFollowImaged(box_key, image_key, allow_missing_keys=True),
-        ClipBoxToImaged(box_key, label_key, image_key, remove_empty=True, allow_missing_keys=True),
+        ClipBoxToImageIfPresentd(box_key, label_key, image_key, remove_empty=True, allow_missing_keys=True),
     ]
 
 
@@ -171,3 +189,68 @@ def detection_augmentation(image_key: str = "image", box_key: str = "box", label
         RandAdjustContrastd(image_key, gamma=(0.7, 1.5), prob=intensity_prob),
         RandGaussianNoised(image_key, std=0.02, prob=intensity_prob / 3),
     ]
+
+
+BOX_CSV_FIELDS = ("x1", "y1", "x2", "y2", "label", "class_name", "score")
+
+
+class SaveBoxesd(MapTransform):
+    """Post-processing transform: write each image's detections as ``<case_id>_boxes.json`` and
+    ``<case_id>_boxes.csv`` in ``output_dir``, boxes ``[x1, y1, x2, y2]`` (x = column, y = row) in pixels of the
+    input file, and store the two file names under ``<key>_file`` and ``<key>_csv_file``.
+
+    ``keys`` name the detector's prediction dicts (``{box_key, label_key, <label_key>_scores}`` on the network's
+    grid, MONAI order); :func:`boxes_to_original_grid` undoes the pre-processing (resize, pad). As for masks
+    (``muscle_ext.data.SaveMaskd``), names come from the item's ``case_key`` or a hash of the input path, never
+    the file name; the files hold boxes, classes, scores and the input's size only (no path, no DICOM field).
+    """
+
+    def __init__(self, keys: KeysCollection, output_dir: str | os.PathLike, class_names: Sequence[str],
+                 image_key: str = "image", case_key: str = "case_id", box_key: str = "box", label_key: str = "label",
+                 score_key: str | None = None, score_threshold: float = 0.0, decimals: int = 2,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir = Path(output_dir)
+        self.class_names = [str(c) for c in class_names]
+        self.image_key, self.case_key = image_key, case_key
+        self.box_key, self.label_key = box_key, label_key
+        self.score_key = score_key or f"{label_key}_scores"  # RetinaNetDetector's naming
+        self.score_threshold = float(score_threshold)
+        self.decimals = decimals
+
+    def _class_name(self, label: int) -> str:
+        return self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
+
+    def detections(self, pred: Mapping[str, Any], image: MetaTensor) -> list[dict[str, Any]]:
+        """The prediction as ``[{"box": [x1, y1, x2, y2], "label", "class_name", "score"}]`` in input pixels."""
+        scores = torch.as_tensor(pred[self.score_key]).detach().float().cpu().reshape(-1)
+        keep = scores >= self.score_threshold
+        boxes = as_box_tensor(pred[self.box_key]).cpu()[keep]
+        boxes = swap_box_axes(boxes_to_original_grid(boxes, image)) if len(boxes) else boxes
+        labels = torch.as_tensor(pred[self.label_key]).cpu().reshape(-1)[keep].tolist()
+        return [{"box": [round(float(v), self.decimals) for v in box], "label": int(label),
+                 "class_name": self._class_name(int(label)), "score": round(float(score), 4)}
+                for box, label, score in zip(boxes.tolist(), labels, scores[keep].tolist(), strict=True)]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d[self.image_key]
+        source = source_path(d, self.image_key)
+        name = str(d.get(self.case_key) or (case_id(source) if source else "image"))
+        rows, cols = (int(v) for v in np.asarray(image.meta[MetaKeys.SPATIAL_SHAPE])[:2])
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for key in self.key_iterator(d):
+            detections = self.detections(d[key], image)
+            stem = f"{name}_boxes" if len(self.keys) == 1 else f"{name}_{key}"
+            record = {"case_id": name, "width": cols, "height": rows,
+                      "box_format": "[x1, y1, x2, y2]: x = column, y = row, pixels of the input image",
+                      "class_names": self.class_names, "detections": detections}
+            json_path = self.output_dir / f"{stem}.json"
+            json_path.write_text(json.dumps(record, indent=1) + "\n")
+            csv_path = self.output_dir / f"{stem}.csv"
+            with open(csv_path, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(BOX_CSV_FIELDS)
+                writer.writerows([*det["box"], det["label"], det["class_name"], det["score"]] for det in detections)
+            d[f"{key}_file"], d[f"{key}_csv_file"] = json_path.name, csv_path.name
+        return d

@@ -1,4 +1,4 @@
-"""Detection engines for MONAI's ``RetinaNetDetector``: trainer, evaluator, COCO metric, and writers.
+"""Detection engines for MONAI's ``RetinaNetDetector``: trainer, evaluator, validation metric, test report.
 
 The detector takes a *list* of images and a list of target dicts, and returns its losses (train mode) or one dict of
 boxes per image (eval mode), so the supervised engines' ``_iteration`` is replaced here, following the model zoo's
@@ -6,17 +6,14 @@ boxes per image (eval mode), so the supervised engines' ``_iteration`` is replac
 because images carry different numbers of boxes.
 
 Boxes inside the engines are MONAI ``StandardMode`` on the network's input grid: ``[row_min, col_min, row_max,
-col_max]`` for our ``(C, H, W)`` images (see :mod:`muscle_ext.data.boxes`); :class:`DetectionBoxWriter` writes them
-back as ``[x1, y1, x2, y2]`` in pixels of each input file.
+col_max]`` for our ``(C, H, W)`` images (see :mod:`muscle_ext.data.boxes`);
+:class:`~muscle_ext.data.boxes.SaveBoxesd` writes them back as ``[x1, y1, x2, y2]`` in pixels of each input file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import logging
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -36,29 +33,26 @@ from torch import nn
 from torch.optim.optimizer import Optimizer
 from torch.utils.data import DataLoader
 
-from ..data.boxes import as_box_tensor, boxes_to_original_grid, swap_box_axes
-from ..data.datalist import load_datalist
-from ..data.readers import xray_format
-from ..metrics.detection import detection_report
+from ..data.boxes import as_box_tensor
+from ..handlers.evaluation import EvaluationReport
+from ..metrics.detection import BOOTSTRAPPED, COCO_IOU_RANGE, detection_report
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, EventEnum
     from ignite.metrics import Metric
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
-    Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
     Metric, _ = optional_import("ignite.metrics", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Metric")
     EventEnum, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "EventEnum")
 
 __all__ = [
-    "DetectionBoxWriter",
+    "BoxColumns",
     "DetectionCOCOMetric",
     "DetectionEvaluator",
     "DetectionLoss",
-    "DetectionMetricsWriter",
     "DetectionPrepareBatch",
+    "DetectionReport",
     "DetectionTrainer",
-    "inference_items",
     "unwrap_detector",
 ]
 
@@ -374,24 +368,22 @@ class DetectionEvaluator(SupervisedEvaluator):
 
 
 class DetectionCOCOMetric(Metric):
-    """COCO mAP (IoU 0.50:0.95) over the epoch's images, with :func:`~muscle_ext.metrics.detection_report`.
+    """COCO mAP (IoU 0.50:0.95) over the epoch's images, with :func:`~muscle_ext.metrics.detection_report`: the key
+    metric of a detection validator (the best validation mAP picks ``models/model.pt``).
 
     Predictions and targets are kept (on CPU) for the whole epoch, then matched once. ``engine.state.metrics``
-    gets ``<name>`` = mAP (a scalar, usable as the key metric for the best checkpoint), ``<name>_ap50``,
-    ``<name>_ap75`` and ``<name>_ap_<class>``; the full report (per-class AP, counts, and the bootstrap interval
-    of the mAP when ``n_bootstrap > 0``) is kept as :attr:`report` for :class:`DetectionMetricsWriter`.
-    Single process: under DDP each rank scores its own shard.
+    gets ``<name>`` = mAP and ``<name>_ap50``, ``<name>_ap75``, ``<name>_ap_<class>``; the full report is kept as
+    :attr:`report`. Single process: under DDP each rank scores its own shard. Test-set reports with confidence
+    intervals: :class:`DetectionReport`.
     """
 
     def __init__(self, classes: Sequence[str], box_key: str = "box", label_key: str = "label",
-                 score_key: str | None = None, max_detections: int = 100, n_bootstrap: int = 0, alpha: float = 0.05,
-                 seed: int = 0, output_transform: Callable | None = None,
+                 score_key: str | None = None, max_detections: int = 100, output_transform: Callable | None = None,
                  device: str | torch.device = "cpu") -> None:
         self.classes = [str(c) for c in classes]
         self.box_key, self.label_key = box_key, label_key
         self.score_key = score_key or f"{label_key}_scores"  # RetinaNetDetector's naming
         self.max_detections = max_detections
-        self.n_bootstrap, self.alpha, self.seed = n_bootstrap, alpha, seed
         self.report: dict[str, Any] | None = None
         if output_transform is None:  # (predictions, targets) from the evaluator's per-image outputs
             output_transform = from_engine([Keys.PRED, Keys.LABEL])
@@ -412,8 +404,7 @@ class DetectionCOCOMetric(Metric):
     def compute(self) -> float:
         self.report = detection_report(self._predictions, self._targets, self.classes,
                                        max_detections=self.max_detections, box_key=self.box_key,
-                                       label_key=self.label_key, score_key=self.score_key,
-                                       n_bootstrap=self.n_bootstrap, alpha=self.alpha, seed=self.seed)
+                                       label_key=self.label_key, score_key=self.score_key)
         return self.report["map"]
 
     def completed(self, engine: Engine, name: str) -> None:
@@ -425,132 +416,109 @@ class DetectionCOCOMetric(Metric):
             engine.state.metrics[f"{name}_ap_{cls}"] = scores["ap"]
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN/inf -> ``None`` (strict JSON), recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+def _cpu(d: Mapping[str, Any], keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(d[k]).detach().cpu() for k in keys}
 
 
-class DetectionMetricsWriter:
-    """Write the report of a :class:`DetectionCOCOMetric` as JSON when the evaluator completes.
+class DetectionReport(EvaluationReport):
+    """Test-set detection report (``metrics.json`` + ``figures/``), attached to a :class:`DetectionEvaluator` like
+    the other tasks' reports (``configs/evaluate.yaml``).
 
-    Layout: ``{"task": "detection", "split", "classes", "iou_range", "map", "map_ci" (with bootstrap), "ap50",
-    "ap75", "mar", "per_class": {name: {ap, ap50, ap75}}, "n_images", "n_gt", **extra}``; undefined values
-    (a class without ground truth) are ``null``. Nothing per image, so no file names.
+    ``map`` (COCO AP@[.50:.95]), ``ap50`` and ``ap75`` with percentile bootstrap intervals over images (matching
+    runs once; each resample re-ranks: ~10 ms), ``mar``, ``per_class`` AP / AP50 / AP75 (``null`` for a class
+    without ground truth), ``n_gt`` per class; figures ``detections_<k>.png`` of the first ``num_overlays`` images
+    (ground truth in green, the ``overlay_top_k`` highest-scoring detections in red). Scalars ``test_map``,
+    ``test_map_ci_low``, ... go to ``engine.state.metrics``.
+
+    Args beyond :class:`~muscle_ext.handlers.evaluation.EvaluationReport`'s: ``class_names`` (index = label),
+    ``max_detections`` per image, ``box_key``/``class_key``/``score_key`` inside the prediction and target dicts.
     """
 
-    def __init__(self, path: str | os.PathLike, metric: DetectionCOCOMetric, split: str = "test",
-                 extra: Mapping[str, Any] | None = None) -> None:
-        self.path = Path(path)
-        self.metric = metric
-        self.split = split
-        self.extra = dict(extra or {})
+    task = "detection"
+    summary_metrics = BOOTSTRAPPED
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.COMPLETED, self)
+    def __init__(self, output_dir: str | os.PathLike, class_names: Sequence[str], max_detections: int = 100,
+                 num_overlays: int = 4, overlay_top_k: int = 5, image_key: str = "image", box_key: str = "box",
+                 class_key: str = "label", score_key: str | None = None, **kwargs: Any) -> None:
+        self.class_names = [str(c) for c in class_names]
+        self.max_detections = int(max_detections)
+        self.num_overlays, self.overlay_top_k = int(num_overlays), int(overlay_top_k)
+        self.image_key, self.box_key, self.class_key = image_key, box_key, class_key
+        self.score_key = score_key or f"{class_key}_scores"
+        super().__init__(output_dir, **kwargs)
 
-    def __call__(self, engine: Engine) -> None:
-        if self.metric.report is None:
-            raise RuntimeError("DetectionMetricsWriter: the metric has not been computed; attach it to this engine")
-        from ..metrics.detection import COCO_IOU_RANGE
+    def reset(self, engine: Engine | None = None) -> None:
+        super().reset(engine)
+        self.images: list[Any] = []
 
-        out = {"task": "detection", "split": self.split, "classes": self.metric.classes,
-               "iou_range": list(COCO_IOU_RANGE), **self.metric.report, **self.extra}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text(json.dumps(_json_safe(out), indent=2) + "\n")
-        os.replace(tmp, self.path)
-        logger.info(f"detection metrics ({self.split}, {out['n_images']} images): mAP {out['map']:.4f}, "
-                    f"AP50 {out['ap50']:.4f} -> {self.path}")
+    def add(self, item: Mapping) -> None:
+        target = item[self.label_key]
+        if target is None:
+            raise ValueError("DetectionReport needs ground-truth boxes for every image")
+        self.preds.append(_cpu(item[self.pred_key], (self.box_key, self.class_key, self.score_key)))
+        self.labels.append(_cpu(target, (self.box_key, self.class_key)))
+        if len(self.images) < self.num_overlays and self.image_key in item:
+            self.images.append(torch.as_tensor(item[self.image_key]).detach().float().cpu()[0].numpy())
+
+    def compute(self) -> dict[str, Any]:
+        r = detection_report(self.preds, self.labels, self.class_names, max_detections=self.max_detections,
+                             box_key=self.box_key, label_key=self.class_key, score_key=self.score_key,
+                             n_bootstrap=self.n_resamples, alpha=self.alpha, seed=self.seed)
+        no_ci = {"ci_low": float("nan"), "ci_high": float("nan")}
+        report: dict[str, Any] = {"n": r["n_images"]}
+        report.update({k: r["ci"][k] if "ci" in r else {"value": r[k], **no_ci} for k in BOOTSTRAPPED})
+        report.update(mar=r["mar"], per_class=r["per_class"], n_gt=r["n_gt"], class_names=self.class_names,
+                      iou_range=list(COCO_IOU_RANGE), max_detections=self.max_detections)
+        return report
+
+    def figures(self, report: Mapping[str, Any], folder: Path) -> list[Path]:
+        return [self._overlay(k, image, folder / f"detections_{k}.png") for k, image in enumerate(self.images)]
+
+    def _overlay(self, k: int, image: Any, path: Path) -> Path:
+        # the object API, not pyplot: no global backend switch in the process that trains
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Rectangle
+
+        fig = Figure(figsize=(5, 5 * image.shape[0] / max(image.shape[1], 1)))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        ax.imshow(image, cmap="gray", origin="upper")
+        pred, target = self.preds[k], self.labels[k]
+        top = torch.argsort(pred[self.score_key], descending=True)[: self.overlay_top_k]
+        drawn = [(target[self.box_key], target[self.class_key], None, "lime"),
+                 (pred[self.box_key][top], pred[self.class_key][top], pred[self.score_key][top], "red")]
+        for boxes, labels, scores, colour in drawn:
+            for i, (r0, c0, r1, c1) in enumerate(boxes.reshape(-1, 4).tolist()):  # MONAI order: rows first
+                ax.add_patch(Rectangle((c0, r0), c1 - c0, r1 - r0, fill=False, edgecolor=colour, linewidth=1))
+                if scores is not None:
+                    name = self.class_names[int(labels[i])] if int(labels[i]) < len(self.class_names) else labels[i]
+                    ax.text(c0, r0, f"{name} {float(scores[i]):.2f}", color=colour, fontsize=6, va="bottom")
+        ax.set_axis_off()
+        ax.set_title(f"{self.split} image {k}: ground truth (green), top {self.overlay_top_k} detections (red)",
+                     fontsize=8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        return path
 
 
-class DetectionBoxWriter:
-    """Write each image's detections as ``<stem>.json`` and ``<stem>.csv`` in ``output_dir``, in pixels of the input
-    file: ``[x1, y1, x2, y2]`` = column/row order, as the datalists store boxes.
+class BoxColumns:
+    """``predictions.csv`` columns for detection (``muscle_ext.handlers.PredictionSaver``): the files
+    :class:`~muscle_ext.data.boxes.SaveBoxesd` wrote for the image, its size and the number and best score of its
+    boxes at or above ``score_threshold``."""
 
-    Boxes are mapped back through the pre-processing (resize, pad) with
-    :func:`~muscle_ext.data.boxes.boxes_to_original_grid`. Outputs hold the file's base name and size, the boxes,
-    labels and scores: no path, no DICOM header field. Two inputs with the same base name get ``_1``, ``_2``...
-    """
-
-    CSV_FIELDS = ("x1", "y1", "x2", "y2", "label", "label_name", "score")
-
-    def __init__(self, output_dir: str | os.PathLike, classes: Sequence[str], box_key: str = "box",
-                 label_key: str = "label", score_key: str | None = None, score_threshold: float = 0.0,
-                 decimals: int = 2) -> None:
-        self.output_dir = Path(output_dir)
-        self.classes = [str(c) for c in classes]
-        self.box_key, self.label_key = box_key, label_key
+    def __init__(self, pred_key: str = "pred", label_key: str = "label", score_key: str | None = None,
+                 score_threshold: float = 0.0, digits: int = 4) -> None:
+        self.pred_key = pred_key
         self.score_key = score_key or f"{label_key}_scores"
         self.score_threshold = float(score_threshold)
-        self.decimals = decimals
-        self.written: list[Path] = []
-        self._stems: set[str] = set()
+        self.digits = digits
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def _reset(self, engine: Engine) -> None:
-        self.written, self._stems = [], set()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-
-    def _stem(self, image: MetaTensor) -> str:
-        name = os.path.basename(str(image.meta.get("filename_or_obj", "image")))
-        stem = name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else os.path.splitext(name)[0]
-        stem, candidate, k = stem or "image", stem or "image", 0
-        while candidate in self._stems:
-            k += 1
-            candidate = f"{stem}_{k}"
-        self._stems.add(candidate)
-        return candidate
-
-    def __call__(self, engine: Engine) -> None:
-        for item in engine.state.output:
-            image, pred = item[Keys.IMAGE], item[Keys.PRED]
-            scores = pred[self.score_key].detach().cpu()
-            keep = scores >= self.score_threshold
-            boxes = swap_box_axes(boxes_to_original_grid(pred[self.box_key].detach().cpu()[keep], image))
-            labels = pred[self.label_key].detach().cpu()[keep].tolist()
-            rows, cols = (int(s) for s in image.meta["spatial_shape"][:2])
-            detections = [
-                {"box": [round(float(v), self.decimals) for v in box], "label": int(label),
-                 "label_name": self.classes[int(label)] if 0 <= int(label) < len(self.classes) else str(label),
-                 "score": round(float(score), 4)}
-                for box, label, score in zip(boxes.tolist(), labels, scores[keep].tolist(), strict=True)
-            ]
-            stem = self._stem(image)
-            record = {"image": os.path.basename(str(image.meta.get("filename_or_obj", ""))), "width": cols,
-                      "height": rows, "box_format": "xyxy (x = column, y = row, pixels of the input file)",
-                      "classes": self.classes, "detections": detections}
-            json_path = self.output_dir / f"{stem}.json"
-            json_path.write_text(json.dumps(record, indent=1) + "\n")
-            csv_path = self.output_dir / f"{stem}.csv"
-            with open(csv_path, "w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(self.CSV_FIELDS)
-                for det in detections:
-                    writer.writerow([*det["box"], det["label"], det["label_name"], det["score"]])
-            self.written += [json_path, csv_path]
-
-
-def inference_items(source: str | os.PathLike, section: str = "test") -> list[dict[str, str]]:
-    """Items ``{"image": path}`` to run a detector on: every supported image under a folder (PNG, JPEG, DICOM with
-    or without suffix, ...; sorted), the ``section`` of a decathlon datalist JSON (only its image paths are kept),
-    or a single image file."""
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and xray_format(p) is not None)
-        if not files:
-            raise FileNotFoundError(f"{path}: no supported image file in this folder")
-        return [{"image": str(p)} for p in files]
-    if path.suffix.lower() == ".json":
-        return [{"image": item["image"]} for item in load_datalist(path, section)]
-    if path.is_file() and xray_format(path) is not None:
-        return [{"image": str(path)}]
-    raise FileNotFoundError(f"{path}: not an image folder, a datalist JSON or an image file")
+    def __call__(self, item: Mapping) -> dict[str, Any]:
+        scores = torch.as_tensor(item[self.pred_key][self.score_key]).float().reshape(-1)
+        scores = scores[scores >= self.score_threshold]
+        shape = item["image"].meta["spatial_shape"]
+        return {"boxes_file": item.get(f"{self.pred_key}_file", ""),
+                "boxes_csv_file": item.get(f"{self.pred_key}_csv_file", ""),
+                "rows": int(shape[0]), "columns": int(shape[1]), "n_boxes": len(scores),
+                "max_score": round(float(scores.max()), self.digits) if len(scores) else ""}

@@ -6,7 +6,14 @@ from muscle_ext.handlers.checkpointing import KeyMetricState, ResumeDataPosition
 from muscle_ext.handlers.evaluation import ClassificationReport, EvaluationReport, RegressionReport, SegmentationReport
 from muscle_ext.handlers.knn_monitor import KNNMonitor
 from muscle_ext.handlers.predictions import MaskColumns, PredictionSaver, ProbabilityColumns, ValueColumns
-from muscle_ext.handlers.privacy import PrivacyFilter, datalist_fingerprint, flatten_config, short_hash
+from muscle_ext.handlers.privacy import (
+    InputSummaryRedactor,
+    PrivacyFilter,
+    datalist_fingerprint,
+    flatten_config,
+    install_input_summary_redaction,
+    short_hash,
+)
 from muscle_ext.handlers.resilient_client import ResilientMlflowWriter
 from muscle_ext.handlers.tracking import (
     TRACKING_SETTINGS_PATH,
@@ -19,6 +26,10 @@ from muscle_ext.handlers.tracking import (
     tracking_settings,
     write_tracking_settings,
 )
+
+# `monai.bundle run` prints its command-line arguments (data folders included) after the bundle's imports ran:
+# redact them with the tracking privacy rule (see muscle_ext.handlers.privacy, "Logs").
+install_input_summary_redaction()
 
 __all__ = [
     "BackboneExporter",
@@ -36,6 +47,7 @@ __all__ = [
     "ResumeDataPosition",
     "latest_checkpoint",
     "TRACKING_SETTINGS_PATH",
+    "InputSummaryRedactor",
     "PrivacyFilter",
     "ResilientMlflowWriter",
     "TrackingHandler",
@@ -44,6 +56,7 @@ __all__ = [
     "datalist_fingerprint",
     "environment_versions",
     "flatten_config",
+    "install_input_summary_redaction",
     "loss_from_output",
     "resolve_tracking_uri",
     "short_hash",

@@ -11,7 +11,6 @@ overlay figures, and no file names: reports stay free of patient identifiers.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -24,6 +23,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from muscle_ext.metrics import binary_classification_report, regression_report, segmentation_report, to_positive_prob
+from muscle_ext.metrics.report import write_report
 
 __all__ = ["ClassificationReport", "EvaluationReport", "RegressionReport", "SegmentationReport"]
 
@@ -32,19 +32,6 @@ logger = logging.getLogger(__name__)
 
 def _numpy(x: Any) -> np.ndarray:
     return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def _json_ready(obj: Any) -> Any:
-    """NaN/inf become null (strict JSON), numpy scalars become Python numbers, keys become strings."""
-    if isinstance(obj, Mapping):
-        return {str(k): _json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_ready(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _items(output: Any) -> list[Mapping]:
@@ -122,11 +109,7 @@ class EvaluationReport:
         payload = {"task": self.task, "split": self.split, "confidence_level": 1 - self.alpha,
                    "bootstrap": {"method": "percentile", "resamples": self.n_resamples, "seed": self.seed},
                    **report, "figures": figures}
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        path = self.output_dir / self.filename
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(_json_ready(payload), indent=2) + "\n")
-        os.replace(tmp, path)
+        path = write_report(self.output_dir / self.filename, payload)  # NaN (undefined metric) as null
         self.report = payload
         engine.state.metrics.update(self.scalars(report))
         logger.info(f"{self.task} report on {report.get('n')} {self.split} images written to {path}")

@@ -36,6 +36,13 @@ When in doubt the rule hashes: a hash loses readability, never privacy. It canno
 under an innocent key with no path in it (``case: "Jane Doe"``): name such keys per rule 1.
 Data kept *inside* a bundle directory counts as part of the bundle: keep patient data outside bundles.
 
+**Logs**: MONAI's ``monai.bundle run`` prints an input summary of its command-line arguments (``> dataset_dir:
+/data/<site>/...``) to stdout. :class:`InputSummaryRedactor`, installed on MONAI's ``monai.bundle.scripts`` logger
+when ``muscle_ext.handlers`` is imported (every MUSCLE bundle imports it, before MONAI prints the summary), applies
+the same rule to those lines: the key rule to every ``#``-separated part of the argument name, the value rule with
+the ``bundle_root``/``output_dir``/``ckpt_dir``/``model_dir``/``log_dir`` arguments as allowed roots. MONAI's own
+run arguments that name bundle files (``logging_file``, ``meta_file``, ``args_file``, ``tracking``) are kept.
+
 The 12-hex hash makes runs comparable (same input, same hash) without the input being readable; it is not a
 defence against someone who can guess the exact path, which is why it is only used for values, never stored
 next to them.
@@ -43,9 +50,12 @@ next to them.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
+import logging
 import os
+import pprint
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -53,9 +63,11 @@ from typing import Any
 
 __all__ = [
     "REDACTED_PREFIX",
+    "InputSummaryRedactor",
     "PrivacyFilter",
     "datalist_fingerprint",
     "flatten_config",
+    "install_input_summary_redaction",
     "sanitize_key",
     "short_hash",
 ]
@@ -207,6 +219,86 @@ class PrivacyFilter:
 
 def _real(path: str | os.PathLike) -> str:
     return os.path.realpath(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
+class InputSummaryRedactor(logging.Filter):
+    """Redacts the argument lines (``> name: value``) of MONAI's bundle input summary with the module's rule.
+
+    A logging filter for the ``monai.bundle.scripts`` logger (see :func:`install_input_summary_redaction`). Values
+    of the arguments named in ``root_keys`` are allowed roots for the lines that follow them (they are kept, as
+    :class:`TrackingHandler` keeps its ``output_dir``); ``keep_keys`` are kept as they are; every other value is
+    redacted when an ``#``-separated part of its name is sensitive, or when the value (a string, or strings
+    inside a list or dict) points at files outside the allowed roots. A value that cannot be parsed back is
+    redacted if its text looks like a path. Other records pass unchanged.
+    """
+
+    _LINE = re.compile(r"^> (?P<key>[^:\s]+): (?P<value>.*)$", re.DOTALL)
+    _HEADER = "--- input summary of "
+
+    def __init__(
+        self,
+        root_keys: Iterable[str] = ("bundle_root", "output_dir", "ckpt_dir", "model_dir", "log_dir"),
+        keep_keys: Iterable[str] = ("logging_file", "meta_file", "args_file", "tracking", "workflow_type",
+                                    "workflow_name", "run_id", "init_id", "final_id", "properties_path"),
+    ) -> None:
+        super().__init__()
+        self.root_keys = set(root_keys)
+        self.keep_keys = set(keep_keys)
+        self._roots: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+            if message.startswith(self._HEADER):
+                self._roots = []  # a new summary: roots come from its own arguments
+                return True
+            match = self._LINE.match(message)
+            if match is None:
+                return True
+            key, text = match.group("key"), match.group("value")
+            redacted = self._redact(key, text)
+            if redacted is not None:
+                record.msg, record.args = f"> {key}: {redacted}", None
+        except Exception:  # never lose a log line; but never let one through that could not be checked
+            record.msg, record.args = "> (argument line withheld: it could not be checked for paths)", None
+        return True
+
+    def _redact(self, key: str, text: str) -> str | None:
+        """The replacement text for the value, or None to keep the line as it is."""
+        try:
+            value: Any = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            value = None  # e.g. a long value pprint_edges cut in the middle
+            parsed = False
+        else:
+            parsed = True
+        if key in self.root_keys and parsed and isinstance(value, (str, os.PathLike)):
+            self._roots.append(os.fspath(value))
+            return None
+        if key in self.keep_keys:
+            return None
+        privacy = PrivacyFilter(allowed_roots=self._roots)
+        if any(privacy.is_sensitive_key(part) for part in key.split("#")):
+            return short_hash(value if parsed else text)
+        if not parsed:
+            return short_hash(text) if privacy.looks_like_path(text) else None
+        clean = privacy.redact(value)
+        if _canonical_json(clean) == _canonical_json(value):
+            return None
+        return clean if isinstance(clean, str) else pprint.pformat(clean)
+
+
+def install_input_summary_redaction(logger_name: str = "monai.bundle.scripts") -> InputSummaryRedactor:
+    """Attach an :class:`InputSummaryRedactor` to MONAI's bundle-scripts logger (once); returns the filter."""
+    import monai.bundle.scripts  # noqa: F401  (MONAI sets its logger up on import: create it the MONAI way first)
+
+    target = logging.getLogger(logger_name)
+    for existing in target.filters:
+        if isinstance(existing, InputSummaryRedactor):
+            return existing
+    redactor = InputSummaryRedactor()
+    target.addFilter(redactor)
+    return redactor
 
 
 def sanitize_key(key: str) -> str:

@@ -22,6 +22,7 @@ from muscle_ext.metrics.bootstrap import BootstrapCI, bootstrap_indices, ci_dict
 __all__ = ["COCO_IOU_RANGE", "detection_report"]
 
 COCO_IOU_RANGE = (0.5, 0.95, 0.05)
+BOOTSTRAPPED = ("map", "ap50", "ap75")
 
 
 def _numpy(x, dtype=None) -> np.ndarray:
@@ -50,7 +51,8 @@ def detection_report(predictions: Sequence[dict], targets: Sequence[dict], class
             ``(D,)`` (``RetinaNetDetector`` eval output; ``"scores"`` is accepted when ``score_key`` is absent).
         targets: one dict per image with ``box_key`` ``(G, 4)`` and ``label_key`` ``(G,)``.
         classes: class names, index = label.
-        n_bootstrap: resamples of the images (with replacement) for a percentile interval of ``map``; 0: none.
+        n_bootstrap: resamples of the images (with replacement) for percentile intervals of ``map``, ``ap50`` and
+            ``ap75``; 0: none.
             Detections are matched once, each resample only re-ranks them (about 10 ms per resample for ~100
             images on one CPU core).
         alpha, seed: interval level and resampling seed (``muscle_ext.metrics.bootstrap`` scheme, unstratified).
@@ -58,8 +60,8 @@ def detection_report(predictions: Sequence[dict], targets: Sequence[dict], class
     Returns:
         ``{"map": AP@[.50:.95], "ap50", "ap75", "mar": recall@[.50:.95] with ``max_detections``,
         "per_class": {name: {"ap", "ap50", "ap75"}}, "n_images", "n_gt": {name: count}}``;
-        NaN where undefined (no ground truth of a class). With ``n_bootstrap``, also
-        ``"map_ci": {"value", "ci_low", "ci_high", "n_resamples"}``.
+        NaN where undefined (no ground truth of a class). With ``n_bootstrap``, also ``"ci": {"map" | "ap50" |
+        "ap75": {"value", "ci_low", "ci_high"}}`` (the same resamples for all three) and ``"ci_resamples"``.
     """
     if len(predictions) != len(targets):
         raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets")
@@ -77,16 +79,23 @@ def detection_report(predictions: Sequence[dict], targets: Sequence[dict], class
     )
     report = _summarize(metric, matches, gt_classes, classes, max_detections)
     if n_bootstrap > 0 and len(targets) > 0:
-        stats = []
+        stats: dict[str, list[float]] = {k: [] for k in BOOTSTRAPPED}
         for idx in bootstrap_indices(np.zeros(len(targets)), n_bootstrap, seed, stratified=False):
-            value = _summarize(metric, [matches[i] for i in idx], [gt_classes[i] for i in idx], classes,
-                               max_detections)["map"]
-            if not np.isnan(value):
-                stats.append(value)
-        low, high = np.percentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)]) if stats else (np.nan, np.nan)
-        report["map_ci"] = {**ci_dict(BootstrapCI(report["map"], float(low), float(high))),
-                            "n_resamples": len(stats)}
+            resampled = _summarize(metric, [matches[i] for i in idx], [gt_classes[i] for i in idx], classes,
+                                   max_detections)
+            for key in BOOTSTRAPPED:
+                if not np.isnan(resampled[key]):
+                    stats[key].append(resampled[key])
+        report["ci"] = {key: _percentile_ci(report[key], values, alpha) for key, values in stats.items()}
+        report["ci_resamples"] = n_bootstrap
     return report
+
+
+def _percentile_ci(point: float, values: list[float], alpha: float) -> dict[str, float]:
+    if np.isnan(point) or not values:
+        return ci_dict(BootstrapCI(point, float("nan"), float("nan")))
+    low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return ci_dict(BootstrapCI(point, float(low), float(high)))
 
 
 def _summarize(metric: COCOMetric, matches: list[dict], gt_classes: list[np.ndarray], classes: Sequence[str],

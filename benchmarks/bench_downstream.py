@@ -1,0 +1,155 @@
+"""Downstream fine-tuning from scratch vs from an MD-MoCo backbone, with the same budget, on the real subsets:
+pneumonia and knee OA classification (ROC AUC, accuracy, sensitivity, specificity), lung segmentation (Dice, mIoU)
+and bone-age regression (MAE, RMSE), each scored on its test split with 95 % bootstrap CIs.
+
+    python benchmarks/bench_downstream.py --mdmoco runs/md_moco/models/backbone.pt --data ../shared/data/xray \\
+        --work /tmp/bench_downstream --epochs 20 --size 224
+
+Runs the bundle exactly as users do (`python -m monai.bundle run`, train then evaluate), records wall time and peak
+RSS of each training run, and writes benchmarks/results/<name>.json and <name>.md (default name: downstream) with
+the metrics, their CIs and the exact commands. `--imagenet <torchvision resnet state dict>` adds ImageNet
+initialisation as a third arm. Budgets, image size and learning rate are the same for every arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import RESULTS, write_result
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "downstream"
+
+# task -> (task config, extra overrides given the data folder, metrics for the table)
+CLASSIFICATION_METRICS = ("roc_auc", "accuracy", "sensitivity", "specificity")
+TASKS = {
+    "pneumonia": ("classification.yaml", lambda data: {}, CLASSIFICATION_METRICS),
+    "knee_oa": ("classification.yaml",
+                lambda data: {"datalist": data / "knee_oa" / "datalist.json", "flip_prob": 0.5,
+                              "class_names": "['normal','abnormal']"}, CLASSIFICATION_METRICS),
+    "lung_segmentation": ("segmentation.yaml", lambda data: {}, ("dice", "miou", "dice_pooled", "miou_pooled")),
+    "bone_age": ("regression.yaml", lambda data: {}, ("mae", "rmse")),
+}
+
+
+def monai_run(configs: list[str], overrides: dict, log: Path) -> dict:
+    files = [str(BUNDLE / "configs" / c) for c in configs]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files), "--bundle_root", str(BUNDLE),
+           "--logging_file", str(BUNDLE / "configs" / "logging.conf")]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", str(value)]
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (KiB), not the max over all children
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd, output=f"see {log}")
+    return {"command": " ".join(["python", *cmd[1:]]), "wall_s": round(time.perf_counter() - start, 1),
+            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
+
+
+def arms(args: argparse.Namespace) -> dict[str, dict]:
+    out = {"scratch": {"init": "scratch"}, "md_moco": {"init": "checkpoint", "init_weights": args.mdmoco}}
+    if args.imagenet is not None:
+        out["imagenet"] = {"init": "imagenet", "init_weights": args.imagenet}
+    return out
+
+
+def run_arm(args: argparse.Namespace, task: str, arm: str, init: dict) -> dict:
+    config, extra, _ = TASKS[task]
+    out = args.work / task / arm
+    shutil.rmtree(out, ignore_errors=True)  # a leftover checkpoint would make the bundle resume
+    out.mkdir(parents=True)
+    settings = {"dataset_dir": args.data, "output_dir": out, "model_dir": out / "models", "image_size": args.size,
+                "batch_size": args.batch, "num_epochs": args.epochs, "learning_rate": args.lr,
+                "num_workers": args.workers, "seed": args.seed, "n_bootstrap": args.resamples, "log_models": False,
+                **extra(args.data), **init}
+    if args.max_items is not None:
+        settings["max_items"] = args.max_items
+    train = monai_run(["common.yaml", config], settings, out / "train.log")
+    evaluation = {k: v for k, v in settings.items() if k != "init_weights"}  # model.pt replaces the weights
+    evaluate = monai_run(["common.yaml", config, "evaluate.yaml"], evaluation, out / "evaluate.log")
+    return {"train": train, "evaluate": {"command": evaluate["command"], "wall_s": evaluate["wall_s"]},
+            "metrics": json.loads((out / "metrics.json").read_text())}
+
+
+def _fmt(entry: dict | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "n/a"
+    low, high = entry.get("ci_low"), entry.get("ci_high")
+    ci = f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None and math.isfinite(low) else ""
+    return f"{entry['value']:.3f}{ci}"
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = ["# Downstream fine-tuning benchmark: scratch vs MD-MoCo", "",
+             f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch "
+             f"{result['machine']['torch']}. Commit {result['commit']}.", f"Command: `{result['command']}`", "",
+             f"Same budget for every arm: {s['epochs']} epochs, {s['image_size']} px, batch {s['batch_size']}, "
+             f"learning rate {s['learning_rate']}, seed {s['seed']}"
+             + (f", at most {s['max_items']} images per split" if s["max_items"] else "") + ". Test split, 95 % "
+             f"percentile bootstrap CIs ({s['resamples']} resamples)."]
+    if s["max_items"]:
+        lines += ["", "**Smoke-sized run: the numbers say that the pipeline works, not how well the methods do.**"]
+    for task, by_arm in result["tasks"].items():
+        names = TASKS[task][2]
+        n = next(iter(by_arm.values()))["metrics"].get("n")
+        lines += ["", f"## {task} (test n = {n})", "",
+                  "| init | " + " | ".join(names) + " | train wall (s) | peak RSS (GiB) |",
+                  "|---|" + "---|" * (len(names) + 2)]
+        for arm, r in by_arm.items():
+            row = [arm, *(_fmt(r["metrics"].get(m)) for m in names), str(r["train"]["wall_s"]),
+                   str(r["train"]["peak_rss_gib"])]
+            lines.append("| " + " | ".join(row) + " |")
+        lines += ["", "Commands:", ""]
+        for arm, r in by_arm.items():
+            lines += [f"- {arm}, train: `{r['train']['command']}`", f"- {arm}, evaluate: `{r['evaluate']['command']}`"]
+    lines += ["", "Metrics: ROC AUC, accuracy, sensitivity, specificity at threshold 0.5 (classification); Dice and "
+              "IoU per image over the lung class, and pooled over all pixels incl. background (`_pooled`, the "
+              "paper's convention) (segmentation); MAE and RMSE in months (bone age)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mdmoco", type=Path, required=True, help="MD-MoCo backbone (muscle-backbone/1 file)")
+    parser.add_argument("--imagenet", type=Path, default=None, help="optional torchvision ResNet state dict")
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared/data/xray")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_downstream"))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--max-items", type=int, default=None, help="images per split (smoke runs only)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="downstream", help="result files: benchmarks/results/<name>.json/.md")
+    args = parser.parse_args()
+    if not args.mdmoco.is_file():
+        parser.error(f"--mdmoco {args.mdmoco}: no such file")
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    tasks = {task: {arm: run_arm(args, task, arm, init) for arm, init in arms(args).items()} for task in args.tasks}
+    result = {"settings": {"epochs": args.epochs, "image_size": args.size, "batch_size": args.batch,
+                           "learning_rate": args.lr, "max_items": args.max_items, "resamples": args.resamples,
+                           "seed": args.seed, "arch": "resnet18", "mdmoco": str(args.mdmoco)},
+              "tasks": tasks}
+    write_result(args.name, result)
+    saved = json.loads((RESULTS / f"{args.name}.json").read_text())
+    (RESULTS / f"{args.name}.md").write_text(markdown(saved))
+
+
+if __name__ == "__main__":
+    main()
