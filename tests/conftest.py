@@ -39,5 +39,5 @@ def mlflow_server(tmp_path_factory, store_template):
     except RuntimeError as exc:
         pytest.fail(str(exc))
     yield server
-    server.stop()
+    server.stop(grace=3)  # the `mlflow server` parent can take 8 s to follow its uvicorn child: kill it sooner
 

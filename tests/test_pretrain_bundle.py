@@ -80,9 +80,10 @@ def test_torchrun_two_processes_on_cpu(tmp_path, xray_root):
 def test_configs_parse(name):
     from monai.bundle import ConfigParser
 
+    configs = Path(__file__).resolve().parents[1] / "bundles" / "muscle_pretrain" / "configs"
     parser = ConfigParser()
-    parser.read_config(Path(__file__).resolve().parents[1] / "bundles" / "muscle_pretrain" / "configs" / name)
-    assert parser.get("imports") or name != "train.yaml"
+    parser.read_config([str(configs / "train.yaml"), str(configs / name)])  # overrides merge after train.yaml
+    assert parser.get("train#trainer#_target_") == "muscle_ext.engines.MoCoTrainer"
 
 
 def test_pretrain_run_is_tracked_in_local_mlflow(tmp_path, xray_root):
