@@ -124,6 +124,12 @@ def test_evaluate_and_inference_configs(tmp_path, xray_root):
         for key in ("knn_auc", "linear_probe_auc"):
             auc = report[key]
             assert 0 <= auc["ci_low"] <= auc["value"] <= auc["ci_high"] <= 1
+        import mlflow
+
+        client = mlflow.MlflowClient(f"sqlite:///{tmp_path / init / 'mlruns.db'}")
+        (run,) = client.search_runs([client.get_experiment_by_name("muscle_pretrain").experiment_id])
+        assert run.data.metrics["knn_auc.value"] == pytest.approx(report["knn_auc"]["value"])
+        assert (run.data.tags.get("muscle.parent_checkpoint_sha256") is not None) == (init == "checkpoint")
 
     datalist = tmp_path / "few.json"
     datalist.write_text(json.dumps({"validation": [{"image": str(p)} for p in sorted(

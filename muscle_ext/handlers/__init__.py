@@ -23,6 +23,7 @@ from muscle_ext.handlers.tracking import (
     environment_versions,
     loss_from_output,
     resolve_tracking_uri,
+    track_report,
     tracking_settings,
     write_tracking_settings,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "install_input_summary_redaction",
     "loss_from_output",
     "resolve_tracking_uri",
+    "track_report",
     "short_hash",
     "tracking_settings",
     "write_tracking_settings",

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from ignite.engine import Events
+from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 from monai.utils import ensure_tuple, path_to_sqlite_uri, path_to_uri
 
@@ -57,7 +57,6 @@ from muscle_ext.handlers.privacy import PrivacyFilter, datalist_fingerprint, fla
 from muscle_ext.handlers.resilient_client import ResilientMlflowWriter, set_short_http_retries
 
 if TYPE_CHECKING:
-    from ignite.engine import Engine
     from monai.bundle import ConfigParser
 
 __all__ = [
@@ -68,6 +67,7 @@ __all__ = [
     "environment_versions",
     "loss_from_output",
     "resolve_tracking_uri",
+    "track_report",
     "tracking_settings",
     "write_tracking_settings",
 ]
@@ -747,3 +747,25 @@ def write_tracking_settings(path: str | os.PathLike, **kwargs: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(tracking_settings(**kwargs), indent=2) + "\n")
     return path
+
+
+def track_report(report: Mapping[str, Any], output_dir: str | os.PathLike | None = None,
+                 artifacts: Sequence[str | os.PathLike] = (), experiment_name: str = "muscle",
+                 tracking_uri: str | None = None, parent_checkpoint: str | os.PathLike | None = None,
+                 workflow: str = "evaluate", enabled: bool = True) -> str | None:
+    """Track a bundle run that has no training loop (an evaluation or inference config) with the same
+    :class:`TrackingHandler` as the engines: the scalars of ``report`` become metrics, ``artifacts`` are uploaded,
+    the config, versions, datalist hashes and lineage of ``parent_checkpoint`` are logged under the same privacy
+    rule, and an unreachable store only warns. Returns the run id (``None`` when disabled or not logged)."""
+    if not enabled:
+        return None
+    engine = Engine(lambda engine, batch: None)
+    handler = TrackingHandler(output_dir=output_dir, tracking_uri=tracking_uri, experiment_name=experiment_name,
+                              parent_checkpoint=parent_checkpoint, artifacts=[str(a) for a in artifacts],
+                              iteration_log=False, output_transform=lambda output: None,
+                              tags={"muscle.workflow": workflow}, summary_artifacts=False)
+    # Metrics must be in place before the handler's epoch-end logging: register first.
+    engine.add_event_handler(Events.STARTED, lambda e: e.state.metrics.update(dict(_scalars(report))))
+    handler.attach(engine)
+    engine.run([0], max_epochs=1)
+    return handler.run_id
