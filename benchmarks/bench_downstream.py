@@ -141,14 +141,16 @@ def main() -> None:
         parser.error(f"--mdmoco {args.mdmoco}: no such file")
     args.work.mkdir(parents=True, exist_ok=True)
 
-    tasks = {task: {arm: run_arm(args, task, arm, init) for arm, init in arms(args).items()} for task in args.tasks}
-    result = {"settings": {"epochs": args.epochs, "image_size": args.size, "batch_size": args.batch,
-                           "learning_rate": args.lr, "max_items": args.max_items, "resamples": args.resamples,
-                           "seed": args.seed, "arch": "resnet18", "mdmoco": str(args.mdmoco)},
-              "tasks": tasks}
-    write_result(args.name, result)
-    saved = json.loads((RESULTS / f"{args.name}.json").read_text())
-    (RESULTS / f"{args.name}.md").write_text(markdown(saved))
+    settings = {"epochs": args.epochs, "image_size": args.size, "batch_size": args.batch, "learning_rate": args.lr,
+                "max_items": args.max_items, "resamples": args.resamples, "seed": args.seed, "arch": "resnet18",
+                "mdmoco": str(args.mdmoco)}
+    tasks: dict[str, dict] = {}
+    for task in args.tasks:
+        tasks[task] = {arm: run_arm(args, task, arm, init) for arm, init in arms(args).items()}
+        # written after each task, so an interrupted benchmark keeps what it measured
+        write_result(args.name, {"settings": settings, "tasks": tasks})
+        saved = json.loads((RESULTS / f"{args.name}.json").read_text())
+        (RESULTS / f"{args.name}.md").write_text(markdown(saved))
 
 
 if __name__ == "__main__":

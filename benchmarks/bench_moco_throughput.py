@@ -108,9 +108,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    results = {"bf16_channels_last": measure(args, amp=True), "fp32_channels_last": measure(args, amp=False)}
-    write_result("moco_throughput", {"image_size": args.size, "batch_size": args.batch, "iters_per_round": args.iters,
-                                     "rounds": args.rounds, "arch": "resnet18 (ImageNet stem)", "results": results})
+    results = {}
+    for name, amp in (("bf16_channels_last", True), ("fp32_channels_last", False)):
+        results[name] = measure(args, amp=amp)
+        # written after each pass, so an interrupted run keeps what it measured
+        write_result("moco_throughput", {"image_size": args.size, "batch_size": args.batch,
+                                         "iters_per_round": args.iters, "rounds": args.rounds,
+                                         "arch": "resnet18 (ImageNet stem)", "results": results})
 
 
 if __name__ == "__main__":
