@@ -12,7 +12,6 @@ col_max]`` for our ``(C, H, W)`` images (see :mod:`muscle_ext.data.boxes`);
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -21,9 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.data import MetaTensor
-from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.engines import SupervisedEvaluator
 from monai.engines.utils import IterationEvents, PrepareBatch, default_metric_cmp_fn
-from monai.engines.workflow import Workflow
 from monai.handlers import from_engine
 from monai.inferers import Inferer
 from monai.transforms import Transform
@@ -36,6 +34,8 @@ from torch.utils.data import DataLoader
 from ..data.boxes import as_box_tensor
 from ..handlers.evaluation import EvaluationReport
 from ..metrics.detection import BOOTSTRAPPED, COCO_IOU_RANGE, detection_report
+from .precision import autocast_on
+from .trainer import StepTrainer
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, EventEnum
@@ -123,19 +123,11 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else x
 
 
-def _autocast(engine: Workflow) -> contextlib.AbstractContextManager:
-    """Autocast on the engine's device type (MONAI's engines always use ``"cuda"``), e.g. bf16 on a CPU."""
-    if not engine.amp:
-        return contextlib.nullcontext()
-    device = engine.state.device
-    return torch.autocast(device.type if device is not None else "cpu", **engine.amp_kwargs)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # engines
 
 
-class DetectionTrainer(SupervisedTrainer):
+class DetectionTrainer(StepTrainer):
     """One iteration = one detector step: ``network(images, targets)`` in train mode returns the classification and
     box-regression losses; their weighted sum (``loss_function``) is back-propagated.
 
@@ -214,28 +206,6 @@ class DetectionTrainer(SupervisedTrainer):
         )
         self.max_grad_norm = max_grad_norm
 
-    @property
-    def uses_grad_scaler(self) -> bool:
-        """A ``GradScaler`` is needed only for float16 autocast on CUDA (bf16 has fp32's exponent range)."""
-        if not self.amp or self.state.device is None or self.state.device.type != "cuda":
-            return False
-        return self.amp_kwargs.get("dtype", torch.float16) == torch.float16
-
-    def run(self) -> None:  # type: ignore[override]
-        # Trainer.run would create a CUDA GradScaler for any amp run, bf16 or CPU ones included.
-        self.scaler = torch.amp.GradScaler("cuda") if self.uses_grad_scaler else None
-        Workflow.run(self)
-
-    def _accumulation_flags(self) -> tuple[bool, bool]:
-        """(zero the gradients, step the optimiser) for this iteration, as ``SupervisedTrainer`` decides them."""
-        acc = self.accumulation_steps
-        if acc == 1:
-            return True, True
-        epoch_length = self.state.epoch_length
-        local_iter = (self.state.iteration - 1) % epoch_length if epoch_length else self.state.iteration - 1
-        last = epoch_length is not None and (local_iter + 1) == epoch_length
-        return local_iter % acc == 0, (local_iter + 1) % acc == 0 or last
-
     def _step(self, engine: DetectionTrainer) -> None:
         if engine.scaler is not None:
             engine.scaler.unscale_(engine.optimizer)  # clip true gradients, not scaled ones
@@ -262,7 +232,7 @@ class DetectionTrainer(SupervisedTrainer):
         if should_zero_grad:
             engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
 
-        with _autocast(engine):
+        with engine.autocast():
             losses = engine.inferer(images, engine.network, targets)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             engine.state.output[LOSS_CLS] = losses[detector.cls_key].float()
@@ -349,7 +319,7 @@ class DetectionEvaluator(SupervisedEvaluator):
             raise ValueError("Must provide batch data for current iteration.")
         images, targets = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking,
                                                **engine.to_kwargs)[:2]
-        with engine.mode(engine.network), _autocast(engine):
+        with engine.mode(engine.network), autocast_on(engine.state.device, engine.amp, **engine.amp_kwargs):
             predictions = engine.inferer([_plain(i) for i in images], engine.network)
         # boxes and scores in float32 whatever the autocast dtype: metrics and writers need exact coordinates
         predictions = [{k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in p.items()}

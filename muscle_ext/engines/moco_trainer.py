@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.data import MetaTensor
-from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents, PrepareBatch, default_metric_cmp_fn
-from monai.engines.workflow import Workflow
 from monai.transforms import Transform
 from monai.utils import IgniteInfo, min_version, optional_import
 from monai.utils.enums import CommonKeys as Keys
@@ -19,6 +16,7 @@ from torch.optim.optimizer import Optimizer
 from torch.utils.data import DataLoader
 
 from ..networks.moco import MoCo
+from .trainer import StepTrainer
 
 if TYPE_CHECKING:
     from ignite.engine import Engine, EventEnum
@@ -67,13 +65,14 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.as_tensor() if isinstance(x, MetaTensor) else x
 
 
-class MoCoTrainer(SupervisedTrainer):
+class MoCoTrainer(StepTrainer):
     """One iteration = one MoCo step: forward both views, InfoNCE loss, backward, optimiser step, momentum update
     of the key encoder, enqueue of the keys.
 
-    ``engine.state.output`` holds ``loss`` (tensor), ``acc_top1`` (float: fraction of queries whose positive has
-    the highest logit), ``pred`` (detached logits ``(B, 1 + K)``) and ``label`` (zeros), so MONAI's handlers
-    work as with ``SupervisedTrainer`` (e.g. ``StatsHandler(output_transform=from_engine(["loss"], first=True))``).
+    ``engine.state.output`` holds ``loss`` and ``acc_top1`` (0-d tensors; ``acc_top1`` = fraction of queries whose
+    positive has the highest logit, left on the device so that no iteration waits for it), ``pred`` (detached
+    logits ``(B, 1 + K)``) and ``label`` (zeros), so MONAI's handlers work as with ``SupervisedTrainer``
+    (e.g. ``StatsHandler(output_transform=from_engine(["loss"], first=True))``).
 
     Args beyond ``SupervisedTrainer``'s:
         network: a :class:`MoCo` (or a DDP/compiled wrapper of one).
@@ -151,29 +150,10 @@ class MoCoTrainer(SupervisedTrainer):
         self.forward_fn: nn.Module | Callable = torch.compile(network, **(compile_kwargs or {})) if compile else network
         self.channels_last = channels_last
 
-    @property
-    def uses_grad_scaler(self) -> bool:
-        """A ``GradScaler`` is needed only for float16 autocast on CUDA (bf16 has fp32's exponent range)."""
-        if not self.amp or self.state.device is None or self.state.device.type != "cuda":
-            return False
-        return self.amp_kwargs.get("dtype", torch.float16) == torch.float16
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """Autocast on the trainer's device type (MONAI's own trainer always uses ``"cuda"``)."""
-        if not self.amp:
-            return contextlib.nullcontext()
-        device_type = self.state.device.type if self.state.device is not None else "cpu"
-        return torch.autocast(device_type, **self.amp_kwargs)
-
     def progress(self) -> float:
         """Fraction of training done before the current iteration (0 when the epoch length is unknown)."""
         total = (self.state.epoch_length or 0) * (self.state.max_epochs or 0)
         return (self.state.iteration - 1) / total if total else 0.0
-
-    def run(self) -> None:  # type: ignore[override]
-        # Trainer.run would create a CUDA GradScaler for any amp run, bf16 or CPU ones included.
-        self.scaler = torch.amp.GradScaler("cuda") if self.uses_grad_scaler else None
-        Workflow.run(self)
 
     def _iteration(self, engine: MoCoTrainer, batchdata: dict[str, torch.Tensor]) -> dict:  # type: ignore[override]
         if batchdata is None:
@@ -220,18 +200,6 @@ class MoCoTrainer(SupervisedTrainer):
         output = engine.state.output
         output[Keys.LOSS] = output[Keys.LOSS].detach()
         output[Keys.PRED] = logits.detach()
-        output[ACC_TOP1] = (logits.detach().argmax(dim=1) == labels).float().mean().item()
+        output[ACC_TOP1] = (logits.detach().argmax(dim=1) == labels).float().mean()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
-
-    def _accumulation_flags(self) -> tuple[bool, bool]:
-        """(zero the gradients, step the optimiser) for this iteration, as ``SupervisedTrainer`` decides them."""
-        acc = self.accumulation_steps
-        if acc == 1:
-            return True, True
-        epoch_length = self.state.epoch_length
-        if epoch_length is not None:
-            local_iter = (self.state.iteration - 1) % epoch_length
-            return local_iter % acc == 0, (local_iter + 1) % acc == 0 or (local_iter + 1) == epoch_length
-        local_iter = self.state.iteration - 1
-        return local_iter % acc == 0, (local_iter + 1) % acc == 0

@@ -79,7 +79,8 @@ class ResumeDataPosition:
 
     Ignite resumes the iteration count mid-epoch but restarts the data loader from the epoch's first batch;
     with a :class:`~muscle_ext.data.PooledSampler` this handler moves the loader to the right batch instead.
-    Attach it after the ``CheckpointLoader`` (both run on ``STARTED``).
+    Attach it after the ``CheckpointLoader`` (both run on ``STARTED``). The sampler's epoch is set by MONAI's
+    ``Workflow``, which calls ``set_epoch`` on every ``EPOCH_STARTED`` (the resumed epoch included).
     """
 
     def __init__(self, sampler: Any, batch_size: int) -> None:
@@ -95,7 +96,6 @@ class ResumeDataPosition:
         epoch_length = engine.state.epoch_length
         done = engine.state.iteration % epoch_length if epoch_length else 0
         if done:
-            self.sampler.set_epoch(engine.state.iteration // epoch_length + 1)
             self.sampler.skip(done * self.batch_size)
             engine.logger.info(f"resuming mid-epoch at iteration {engine.state.iteration}: skipping {done} batches")
 
