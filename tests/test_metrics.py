@@ -13,6 +13,7 @@ from muscle_ext.metrics import (
     bootstrap_ci,
     bootstrap_mean_ci,
     detection_report,
+    paired_difference_ci,
     regression_report,
     roc_auc,
     roc_curve,
@@ -70,6 +71,24 @@ def test_bootstrap_matches_independent_loop(stratified):
     assert point == pytest.approx(roc_auc_score(y, s))
     assert low == pytest.approx(ref_low) and high == pytest.approx(ref_high)
     assert low < point < high
+
+
+def test_paired_difference_matches_independent_loop():
+    y, s = _binary_data()
+    rng = np.random.default_rng(1)
+    other = s + rng.normal(0, 0.5, len(s))  # a worse model on the same cases
+    point, low, high = paired_difference_ci(roc_auc, y, s, other, n_resamples=200, seed=5)
+    # independent: sklearn on the same stratified resamples, both models drawn with the same indices
+    rng = np.random.default_rng(5)
+    groups = [np.flatnonzero(y == c) for c in np.unique(y)]
+    diffs = []
+    for _ in range(200):
+        idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
+        diffs.append(roc_auc_score(y[idx], s[idx]) - roc_auc_score(y[idx], other[idx]))
+    assert point == pytest.approx(roc_auc_score(y, s) - roc_auc_score(y, other))
+    assert (low, high) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])))
+    assert 0 < low < point < high  # pairing: the noisy copy is detectably worse
+    assert paired_difference_ci(roc_auc, y, s, s, n_resamples=50) == (0.0, 0.0, 0.0)
 
 
 @pytest.mark.filterwarnings("ignore:Only one class is present")

@@ -106,10 +106,12 @@ def test_pretrain_run_is_tracked_in_local_mlflow(tmp_path, xray_root):
 
 def test_evaluate_and_inference_configs(tmp_path, xray_root):
     """evaluate.yaml scores a frozen backbone (and the random-init baseline); inference.yaml embeds a datalist."""
+    import csv
     import json
 
     import numpy as np
 
+    from muscle_ext.metrics import roc_auc
     from muscle_ext.networks import build_backbone, save_backbone
 
     torch.manual_seed(0)
@@ -124,6 +126,12 @@ def test_evaluate_and_inference_configs(tmp_path, xray_root):
         for key in ("knn_auc", "linear_probe_auc"):
             auc = report[key]
             assert 0 <= auc["ci_low"] <= auc["value"] <= auc["ci_high"] <= 1
+        # per-case scores for paired comparisons: one row per test image, labels as in the datalist, no paths
+        rows = list(csv.DictReader((tmp_path / init / "query_scores.csv").open()))
+        labels = [item["label"] for item in json.loads((xray_root / "pneumonia_nih/datalist.json").read_text())["test"]]
+        assert [int(r["label"]) for r in rows] == labels and list(rows[0]) == ["index", "label", "knn", "linear_probe"]
+        assert roc_auc([int(r["label"]) for r in rows], [float(r["knn"]) for r in rows]) == pytest.approx(
+            report["knn_auc"]["value"], abs=1e-4)
         import mlflow
 
         client = mlflow.MlflowClient(f"sqlite:///{tmp_path / init / 'mlruns.db'}")

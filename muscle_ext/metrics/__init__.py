@@ -1,7 +1,14 @@
 """The paper's metrics with bootstrap confidence intervals; figures in ``muscle_ext.metrics.plots`` (matplotlib,
 imported on use)."""
 
-from muscle_ext.metrics.bootstrap import BootstrapCI, bootstrap_ci, bootstrap_indices, bootstrap_mean_ci, ci_dict
+from muscle_ext.metrics.bootstrap import (
+    BootstrapCI,
+    bootstrap_ci,
+    bootstrap_indices,
+    bootstrap_mean_ci,
+    ci_dict,
+    paired_difference_ci,
+)
 from muscle_ext.metrics.classification import (
     accuracy,
     average_ranks,
@@ -38,6 +45,7 @@ __all__ = [
     "bootstrap_indices",
     "bootstrap_mean_ci",
     "ci_dict",
+    "paired_difference_ci",
     "confusion_matrix",
     "detection_report",
     "mae",

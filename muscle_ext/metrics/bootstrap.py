@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-__all__ = ["BootstrapCI", "bootstrap_ci", "bootstrap_indices", "bootstrap_mean_ci", "ci_dict"]
+__all__ = ["BootstrapCI", "bootstrap_ci", "bootstrap_indices", "bootstrap_mean_ci", "ci_dict", "paired_difference_ci"]
 
 
 class BootstrapCI(NamedTuple):
@@ -87,6 +87,17 @@ def bootstrap_mean_ci(values: ArrayLike, n_resamples: int = 1000, alpha: float =
     values = np.asarray(values, dtype=float)
     return bootstrap_ci(lambda _, v: np.nanmean(v) if np.any(~np.isnan(v)) else np.nan, values, values,
                         n_resamples, alpha, seed, stratified=False)
+
+
+def paired_difference_ci(metric_fn: Callable[[np.ndarray, np.ndarray], float], y_true: ArrayLike,
+                         score_a: ArrayLike, score_b: ArrayLike, n_resamples: int = 1000, alpha: float = 0.05,
+                         seed: int = 0, stratified: bool = True) -> BootstrapCI:
+    """``metric(a) - metric(b)`` of two models scored on the same cases, with a paired bootstrap interval: each
+    resample draws the same cases for both, so case difficulty cancels out. An interval above 0 says that ``a`` is
+    better than ``b`` on this population (two-sided ``alpha``), even where the two separate intervals overlap."""
+    scores = np.stack([np.asarray(score_a), np.asarray(score_b)], axis=1)
+    return bootstrap_ci(lambda y, s: metric_fn(y, s[:, 0]) - metric_fn(y, s[:, 1]), y_true, scores,
+                        n_resamples, alpha, seed, stratified)
 
 
 def ci_dict(ci: BootstrapCI) -> dict[str, float]:

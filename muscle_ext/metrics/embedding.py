@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import os
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -78,9 +81,14 @@ def collapse_score(features: torch.Tensor) -> float:
 
 def frozen_backbone_report(backbone: nn.Module, reference_loader: Iterable, query_loader: Iterable,
                            device: torch.device | str = "cpu", k: int = 20, n_resamples: int = 1000,
-                           seed: int = 0) -> dict:
+                           seed: int = 0, scores_path: str | os.PathLike | None = None) -> dict:
     """Judge a frozen backbone on a labelled binary task: kNN and linear-probe ROC AUC (with 95% bootstrap CI) on
-    the query set, fitted on the reference set; plus the embedding spread (collapse check)."""
+    the query set, fitted on the reference set; plus the embedding spread (collapse check).
+
+    ``scores_path``: also write each query case's label and positive-class scores as CSV (``index`` = position in
+    the query loader, no file names), so that two backbones can be compared case by case
+    (``muscle_ext.metrics.paired_difference_ci``).
+    """
     from .bootstrap import bootstrap_ci, ci_dict
     from .classification import roc_auc
 
@@ -99,4 +107,11 @@ def frozen_backbone_report(backbone: nn.Module, reference_loader: Iterable, quer
         report[f"{name}_accuracy"] = float((p.argmax(1) == y).mean())
         if num_classes == 2:
             report[f"{name}_auc"] = ci_dict(bootstrap_ci(roc_auc, y, p[:, 1], n_resamples=n_resamples, seed=seed))
+    if scores_path is not None and num_classes == 2:
+        Path(scores_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(scores_path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", "label", *scores])
+            for i, label in enumerate(y):
+                writer.writerow([i, int(label), *(f"{float(p[i, 1]):.6g}" for p in scores.values())])
     return report
