@@ -1,7 +1,7 @@
 """Training throughput of the muscle_pretrain bundle's MoCoTrainer against a plain-PyTorch MoCo loop with the
 identical model, batch, precision, memory format, augmentations and data loader, timed in one process.
 
-    python benchmarks/bench_moco_throughput.py --data ../shared/data/xray --size 128 --rounds 4
+    python benchmarks/bench_moco_throughput.py --data ../shared/data/xray --size 96
 
 The bundle side is built from configs/train.yaml exactly as `monai.bundle run` builds it (handlers included:
 LR schedule, stats logging, resumable checkpoints every `ckpt_interval` iterations, backbone export). Rounds
@@ -11,6 +11,7 @@ alternate plain epoch / bundle epoch so that machine noise hits both alike; the 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -20,33 +21,34 @@ from monai.utils import set_determinism
 
 from muscle_ext.engines import unwrap_moco
 
-from common import write_result
+from common import RESULTS, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "muscle_pretrain"
 
 
-def build(args: argparse.Namespace, work: Path, amp: bool) -> ConfigParser:
+def build(args: argparse.Namespace, work: Path, amp: bool, channels_last: bool) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config(str(BUNDLE / "configs" / "train.yaml"))
     parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(args.data), "output_dir": str(work),
                    "model_dir": str(work / "models"), "image_size": args.size, "batch_size": args.batch,
                    "num_epochs": args.rounds, "warmup_epochs": 0, "cache": "memory", "num_workers": args.workers,
-                   "monitor_datalist": str(work / "none.json"), "amp": amp, "channels_last": True,
+                   "monitor_datalist": str(work / "none.json"), "amp": amp, "channels_last": channels_last,
                    "train#sampler#num_samples": args.batch * args.iters})
     parser.parse()
     return parser
 
 
-def plain_epoch(network, optimizer, scheduler, loader, amp: bool) -> int:
+def plain_epoch(network, optimizer, scheduler, loader, amp: bool, channels_last: bool) -> int:
     """The MoCo step written by hand: what a user would write without MONAI/Ignite."""
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     moco = unwrap_moco(network)
     criterion = torch.nn.CrossEntropyLoss()
     seen = 0
     network.train()
     for batch in loader:
-        im_q = batch["image_q"].as_tensor().contiguous(memory_format=torch.channels_last)
-        im_k = batch["image_k"].as_tensor().contiguous(memory_format=torch.channels_last)
+        im_q = batch["image_q"].as_tensor().contiguous(memory_format=memory_format)
+        im_k = batch["image_k"].as_tensor().contiguous(memory_format=memory_format)
         optimizer.zero_grad(set_to_none=False)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             logits, labels, keys = network(im_q, im_k, return_keys=True)
@@ -60,10 +62,10 @@ def plain_epoch(network, optimizer, scheduler, loader, amp: bool) -> int:
     return seen
 
 
-def measure(args: argparse.Namespace, amp: bool) -> dict:
-    work = args.work / ("bf16" if amp else "fp32")
+def measure(args: argparse.Namespace, name: str, amp: bool, channels_last: bool) -> dict:
+    work = args.work / name
     set_determinism(0)
-    parser = build(args, work, amp)
+    parser = build(args, work, amp, channels_last)
     trainer = parser.get_parsed_content("train#trainer")
     for handler in parser.get_parsed_content("train#resume_handlers"):
         handler.attach(trainer)
@@ -80,7 +82,7 @@ def measure(args: argparse.Namespace, amp: bool) -> dict:
     seconds = {"plain": [], "bundle": []}
     for r in range(args.rounds):
         start = time.perf_counter()
-        n = plain_epoch(plain_net, plain_opt, plain_sched, loader, amp)
+        n = plain_epoch(plain_net, plain_opt, plain_sched, loader, amp, channels_last)
         seconds["plain"].append(time.perf_counter() - start)
         images["plain"].append(n)
         start = time.perf_counter()
@@ -102,19 +104,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared/data/xray")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_throughput"))
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--iters", type=int, default=30, help="iterations per round")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--iters", type=int, default=12, help="iterations per round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     results = {}
-    for name, amp in (("bf16_channels_last", True), ("fp32_channels_last", False)):
-        results[name] = measure(args, amp=amp)
+    # the bundle's default on this CPU first (fp32, contiguous: see train.yaml), then the alternatives
+    for name, amp, channels_last in (("fp32", False, False), ("fp32_channels_last", False, True),
+                                     ("bf16_channels_last", True, True)):
+        results[name] = measure(args, name, amp=amp, channels_last=channels_last)
         # written after each pass, so an interrupted run keeps what it measured
         write_result("moco_throughput", {"image_size": args.size, "batch_size": args.batch,
                                          "iters_per_round": args.iters, "rounds": args.rounds,
-                                         "arch": "resnet18 (ImageNet stem)", "results": results})
+                                         "arch": "resnet18 (ImageNet stem)", "bn_splits": 8, "results": results})
+        saved = json.loads((RESULTS / "moco_throughput.json").read_text())
+        (RESULTS / "moco_throughput.md").write_text(markdown(saved))
+
+
+def markdown(result: dict) -> str:
+    lines = ["# MoCo training throughput: the muscle_pretrain bundle vs a plain-PyTorch loop", "",
+             f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch "
+             f"{result['machine']['torch']}. Commit {result['commit']}.", f"Command: `{result['command']}`", "",
+             f"{result['arch']}, split-BN ({result['bn_splits']} splits), {result['image_size']} px, batch "
+             f"{result['batch_size']}, two augmented views from the in-memory cache, 2 loader workers; "
+             f"{result['rounds']} rounds of {result['iters_per_round']} iterations, plain and bundle alternating, "
+             "round 0 not counted (warm-up).", "",
+             "| precision / memory format | plain img/s | bundle img/s | bundle / plain |", "|---|---|---|---|"]
+    for name, r in result["results"].items():
+        lines.append(f"| {name} | {r['plain_img_s']} | {r['bundle_img_s']} | {r['ratio_bundle_over_plain']} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

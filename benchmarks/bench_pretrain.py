@@ -10,44 +10,33 @@ training run, and writes benchmarks/results/pretrain.json and pretrain.md.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
-import resource
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-from common import RESULTS, write_result
+import numpy as np
+
+from muscle_ext.metrics import ci_dict, paired_difference_ci, roc_auc
+
+from common import RESULTS, monai_run, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "muscle_pretrain"
 
 
-def monai_run(configs: list[str], overrides: dict, log: Path) -> dict:
-    files = [str(BUNDLE / "configs" / c) for c in configs]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files) if len(files) > 1 else files[0],
-           "--bundle_root", str(BUNDLE), "--logging_file", str(BUNDLE / "configs" / "logging.conf")]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", str(value)]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB; the max over finished children so far
-    return {"command": " ".join(["python", *cmd[1:]]), "wall_s": round(wall, 1),
-            "peak_rss_gib": round(peak / 2**20, 2) if peak > before else None}
-
-
 def pretrain(args: argparse.Namespace, name: str, epochs: int, amp: bool) -> dict:
     out = args.work / name
+    record = out / "benchmark_run.json"
+    if args.reuse and record.exists():  # a finished run of an earlier invocation (same settings: see the record)
+        return json.loads(record.read_text())
     shutil.rmtree(out, ignore_errors=True)  # a leftover checkpoint would make the bundle resume
     overrides = {"dataset_dir": args.data, "output_dir": out, "model_dir": out / "models", "image_size": args.size,
-                 "batch_size": args.batch, "num_epochs": epochs, "warmup_epochs": 1, "amp": amp,
-                 "channels_last": True, "num_workers": 2, "knn_interval": max(1, epochs // 4), "seed": args.seed}
-    run = monai_run(["train.yaml"], overrides, args.work / f"{name}.log")
-    run["epochs"], run["amp_bf16"] = epochs, amp
+                 "batch_size": args.batch, "num_epochs": epochs, "warmup_epochs": 1, "learning_rate": args.lr,
+                 "amp": amp, "num_workers": 2, "knn_interval": max(1, epochs // 5), "seed": args.seed}
+    run = monai_run(BUNDLE, ["train.yaml"], overrides, args.work / f"{name}.log")
+    run.update(epochs=epochs, amp_bf16=amp, learning_rate=args.lr)
+    record.write_text(json.dumps(run))
     return run
 
 
@@ -57,8 +46,25 @@ def evaluate(args: argparse.Namespace, name: str, init: str, backbone: Path | No
                  "seed": args.seed, "n_resamples": 1000}
     if backbone is not None:
         overrides["backbone_path"] = backbone
-    run = monai_run(["evaluate.yaml"], overrides, args.work / f"eval_{name}.log")
-    return {"command": run["command"], **json.loads((out / "metrics.json").read_text())}
+    run = monai_run(BUNDLE, ["evaluate.yaml"], overrides, args.work / f"eval_{name}.log")
+    return {"command": run["command"], "scores_csv": str(out / "query_scores.csv"),
+            **json.loads((out / "metrics.json").read_text())}
+
+
+def paired_difference(a: dict, b: dict, seed: int) -> dict:
+    """AUC(a) - AUC(b) per method, with a paired bootstrap CI over the same test cases (both scored the same
+    query split in the same order)."""
+    def read(path: str) -> dict[str, np.ndarray]:
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        return {key: np.array([float(r[key]) for r in rows]) for key in rows[0]}
+
+    sa, sb = read(a["scores_csv"]), read(b["scores_csv"])
+    if not np.array_equal(sa["label"], sb["label"]):
+        raise ValueError("the two evaluations scored different cases")
+    return {f"{method}_auc": ci_dict(paired_difference_ci(roc_auc, sa["label"], sa[method], sb[method],
+                                                          n_resamples=1000, seed=seed))
+            for method in ("knn", "linear_probe")}
 
 
 def markdown(result: dict) -> str:
@@ -74,9 +80,16 @@ def markdown(result: dict) -> str:
              "| backbone | kNN AUC [95% CI] | linear-probe AUC [95% CI] | embedding spread |", "|---|---|---|---|"]
     for name, m in result["evaluations"].items():
         lines.append(f"| {name} | {auc(m, 'knn_auc')} | {auc(m, 'linear_probe_auc')} | {m['embedding_spread']:.3f} |")
-    lines += ["", "| training run | epochs | precision | wall (s) | peak RSS (GiB) |", "|---|---|---|---|---|"]
+    lines += ["", "Paired difference to random init (AUC of the MD-MoCo backbone minus AUC at random init, the "
+              "same 160 test cases in every bootstrap resample; an interval above 0 means MD-MoCo is better):", "",
+              "| backbone | kNN AUC difference [95% CI] | linear-probe AUC difference [95% CI] |", "|---|---|---|"]
+    for name, d in result["paired_vs_random_init"].items():
+        lines.append(f"| {name} | {auc(d, 'knn_auc')} | {auc(d, 'linear_probe_auc')} |")
+    lines += ["", "| training run | epochs | learning rate | precision | wall (s) | peak RSS (GiB) |",
+              "|---|---|---|---|---|---|"]
     for name, r in result["training"].items():
-        lines.append(f"| {name} | {r['epochs']} | {'bf16 autocast' if r['amp_bf16'] else 'fp32'} | {r['wall_s']} | "
+        precision = "bf16 autocast" if r["amp_bf16"] else "fp32"
+        lines.append(f"| {name} | {r['epochs']} | {r['learning_rate']} | {precision} | {r['wall_s']} | "
                      f"{r['peak_rss_gib']} |")
     return "\n".join(lines) + "\n"
 
@@ -85,18 +98,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared/data/xray")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_pretrain"))
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=12, help="epochs of the main MD-MoCo run")
-    parser.add_argument("--precision-epochs", type=int, default=4, help="epochs of the fp32-vs-bf16 pair")
+    parser.add_argument("--lr", type=float, default=0.075, help="SGD learning rate (MoCo v2's rule gives 0.0075)")
+    parser.add_argument("--epochs", type=int, default=15, help="epochs of the main MD-MoCo run")
+    parser.add_argument("--precision-epochs", type=int, default=1, help="epochs of the fp32-vs-bf16 pair")
+    parser.add_argument("--reuse", action="store_true", help="reuse training runs an earlier invocation finished")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
 
-    training = {"md_moco_bf16": pretrain(args, "md_moco_bf16", args.epochs, amp=True)}
+    training = {"md_moco_fp32": pretrain(args, "md_moco_fp32", args.epochs, amp=False)}
     evaluations = {
-        f"MD-MoCo, {args.epochs} epochs (bf16)": evaluate(args, "md_moco", "checkpoint",
-                                                          args.work / "md_moco_bf16" / "models" / "backbone.pt"),
+        f"MD-MoCo, {args.epochs} epochs (fp32)": evaluate(args, "md_moco", "checkpoint",
+                                                          args.work / "md_moco_fp32" / "models" / "backbone.pt"),
         "random init (same architecture)": evaluate(args, "scratch", "scratch", None),
     }
     for amp in (True, False):
@@ -104,8 +119,11 @@ def main() -> None:
         training[name] = pretrain(args, name, args.precision_epochs, amp=amp)
         evaluations[f"MD-MoCo, {args.precision_epochs} epochs ({'bf16' if amp else 'fp32'})"] = evaluate(
             args, name, "checkpoint", args.work / name / "models" / "backbone.pt")
-    result = {"settings": {"image_size": args.size, "batch_size": args.batch, "arch": "resnet18",
-                           "eval_task": "pneumonia_nih"}, "training": training, "evaluations": evaluations}
+    baseline = evaluations["random init (same architecture)"]
+    paired = {name: paired_difference(m, baseline, args.seed) for name, m in evaluations.items() if m is not baseline}
+    result = {"settings": {"image_size": args.size, "batch_size": args.batch, "learning_rate": args.lr,
+                           "arch": "resnet18", "eval_task": "pneumonia_nih"}, "training": training,
+              "evaluations": evaluations, "paired_vs_random_init": paired}
     write_result("pretrain", result)
     saved = json.loads((RESULTS / "pretrain.json").read_text())
     (RESULTS / "pretrain.md").write_text(markdown(saved))

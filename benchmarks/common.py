@@ -1,4 +1,4 @@
-"""Shared helpers for benchmarks: machine description and result files."""
+"""Shared helpers for benchmarks: running a bundle as users do, machine description and result files."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,3 +49,21 @@ def write_result(name: str, payload: dict) -> Path:
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     print(json.dumps(payload, indent=2, default=str))
     return path
+
+
+def monai_run(bundle: Path, configs: list[str], overrides: dict, log: Path) -> dict:
+    """``python -m monai.bundle run`` of ``bundle``'s ``configs`` (merged in order) with ``--key value`` overrides,
+    output to ``log``. Returns the command, wall time and the run's own peak RSS."""
+    files = [str(bundle / "configs" / c) for c in configs]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files) if len(files) > 1 else files[0],
+           "--bundle_root", str(bundle), "--logging_file", str(bundle / "configs" / "logging.conf")]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", str(value)]
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (KiB), not the max over all children
+    if os.waitstatus_to_exitcode(status):
+        raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), cmd, output=f"see {log}")
+    return {"command": " ".join(["python", *cmd[1:]]), "wall_s": round(time.perf_counter() - start, 1),
+            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
