@@ -58,7 +58,7 @@ def run_arm(args: argparse.Namespace, task: str, arm: str, init: dict) -> dict:
         settings["max_items"] = args.max_items
     train = monai_run(BUNDLE, ["common.yaml", config], settings, out / "train.log")
     evaluation = {k: v for k, v in settings.items() if k != "init_weights"}  # model.pt replaces the weights
-    evaluate = monai_run(["common.yaml", config, "evaluate.yaml"], evaluation, out / "evaluate.log")
+    evaluate = monai_run(BUNDLE, ["common.yaml", config, "evaluate.yaml"], evaluation, out / "evaluate.log")
     return {"train": train, "evaluate": {"command": evaluate["command"], "wall_s": evaluate["wall_s"]},
             "metrics": json.loads((out / "metrics.json").read_text())}
 

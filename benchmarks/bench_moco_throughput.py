@@ -34,7 +34,7 @@ def build(args: argparse.Namespace, work: Path, amp: bool, channels_last: bool) 
                    "model_dir": str(work / "models"), "image_size": args.size, "batch_size": args.batch,
                    "num_epochs": args.rounds, "warmup_epochs": 0, "cache": "memory", "num_workers": args.workers,
                    "monitor_datalist": str(work / "none.json"), "amp": amp, "channels_last": channels_last,
-                   "train#sampler#num_samples": args.batch * args.iters})
+                   "bn_splits": args.bn_splits, "train#sampler#num_samples": args.batch * args.iters})
     parser.parse()
     return parser
 
@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=12, help="iterations per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--bn-splits", type=int, default=8, help="split-BN groups (train.yaml's default: 8)")
     args = parser.parse_args()
     results = {}
     # the bundle's default on this CPU first (fp32, contiguous: see train.yaml), then the alternatives
@@ -118,7 +119,8 @@ def main() -> None:
         # written after each pass, so an interrupted run keeps what it measured
         write_result("moco_throughput", {"image_size": args.size, "batch_size": args.batch,
                                          "iters_per_round": args.iters, "rounds": args.rounds,
-                                         "arch": "resnet18 (ImageNet stem)", "bn_splits": 8, "results": results})
+                                         "arch": "resnet18 (ImageNet stem)", "bn_splits": args.bn_splits,
+                                         "results": results})
         saved = json.loads((RESULTS / "moco_throughput.json").read_text())
         (RESULTS / "moco_throughput.md").write_text(markdown(saved))
 

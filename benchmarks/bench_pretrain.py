@@ -19,7 +19,7 @@ import numpy as np
 
 from muscle_ext.metrics import ci_dict, paired_difference_ci, roc_auc
 
-from common import RESULTS, monai_run, write_result
+from common import RESULTS, bundle_command, monai_run, printable, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "muscle_pretrain"
@@ -27,15 +27,18 @@ BUNDLE = REPO / "bundles" / "muscle_pretrain"
 
 def pretrain(args: argparse.Namespace, name: str, epochs: int, amp: bool) -> dict:
     out = args.work / name
-    record = out / "benchmark_run.json"
-    if args.reuse and record.exists():  # a finished run of an earlier invocation (same settings: see the record)
-        return json.loads(record.read_text())
-    shutil.rmtree(out, ignore_errors=True)  # a leftover checkpoint would make the bundle resume
     overrides = {"dataset_dir": args.data, "output_dir": out, "model_dir": out / "models", "image_size": args.size,
                  "batch_size": args.batch, "num_epochs": epochs, "warmup_epochs": 1, "learning_rate": args.lr,
                  "amp": amp, "num_workers": 2, "knn_interval": max(1, epochs // 5), "seed": args.seed}
+    record = out / "benchmark_run.json"
+    if args.reuse and record.exists():  # a run an earlier invocation finished with exactly this command
+        run = json.loads(record.read_text())
+        if run["command"] == printable(bundle_command(BUNDLE, ["train.yaml"], overrides)):
+            return run
+    shutil.rmtree(out, ignore_errors=True)  # a leftover checkpoint would make the bundle resume
     run = monai_run(BUNDLE, ["train.yaml"], overrides, args.work / f"{name}.log")
     run.update(epochs=epochs, amp_bf16=amp, learning_rate=args.lr)
+    out.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(run))
     return run
 

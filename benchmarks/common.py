@@ -51,19 +51,35 @@ def write_result(name: str, payload: dict) -> Path:
     return path
 
 
-def monai_run(bundle: Path, configs: list[str], overrides: dict, log: Path) -> dict:
-    """``python -m monai.bundle run`` of ``bundle``'s ``configs`` (merged in order) with ``--key value`` overrides,
-    output to ``log``. Returns the command, wall time and the run's own peak RSS."""
+def bundle_command(bundle: Path, configs: list[str], overrides: dict) -> list[str]:
+    """``python -m monai.bundle run`` of ``bundle``'s ``configs`` (merged in order) with ``--key value`` overrides."""
     files = [str(bundle / "configs" / c) for c in configs]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files) if len(files) > 1 else files[0],
            "--bundle_root", str(bundle), "--logging_file", str(bundle / "configs" / "logging.conf")]
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value)]
+    return cmd
+
+
+def printable(cmd: list[str]) -> str:
+    """The command as the results show it (``python`` for whichever interpreter ran it)."""
+    return " ".join(["python", *cmd[1:]])
+
+
+def monai_run(bundle: Path, configs: list[str], overrides: dict, log: Path) -> dict:
+    """Run :func:`bundle_command`, output to ``log``. Returns the command, wall time and the run's own peak RSS."""
+    cmd = bundle_command(bundle, configs, overrides)
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (KiB), not the max over all children
-    if os.waitstatus_to_exitcode(status):
-        raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), cmd, output=f"see {log}")
-    return {"command": " ".join(["python", *cmd[1:]]), "wall_s": round(time.perf_counter() - start, 1),
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (KiB), not the max over all children
+        except BaseException:  # e.g. Ctrl-C: do not leave the training run behind
+            proc.kill()
+            proc.wait()
+            raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd, output=f"see {log}")
+    return {"command": printable(cmd), "wall_s": round(time.perf_counter() - start, 1),
             "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}

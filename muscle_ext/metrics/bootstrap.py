@@ -93,8 +93,9 @@ def paired_difference_ci(metric_fn: Callable[[np.ndarray, np.ndarray], float], y
                          score_a: ArrayLike, score_b: ArrayLike, n_resamples: int = 1000, alpha: float = 0.05,
                          seed: int = 0, stratified: bool = True) -> BootstrapCI:
     """``metric(a) - metric(b)`` of two models scored on the same cases, with a paired bootstrap interval: each
-    resample draws the same cases for both, so case difficulty cancels out. An interval above 0 says that ``a`` is
-    better than ``b`` on this population (two-sided ``alpha``), even where the two separate intervals overlap."""
+    resample draws the same cases for both, so case difficulty cancels out. An interval that excludes 0 says that the
+    two differ on this population (two-sided ``alpha``), even where their separate intervals overlap; above 0 means
+    ``a`` scores higher (better for AUC or Dice, worse for an error such as MAE)."""
     scores = np.stack([np.asarray(score_a), np.asarray(score_b)], axis=1)
     return bootstrap_ci(lambda y, s: metric_fn(y, s[:, 0]) - metric_fn(y, s[:, 1]), y_true, scores,
                         n_resamples, alpha, seed, stratified)

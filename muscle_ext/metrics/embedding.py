@@ -107,11 +107,13 @@ def frozen_backbone_report(backbone: nn.Module, reference_loader: Iterable, quer
         report[f"{name}_accuracy"] = float((p.argmax(1) == y).mean())
         if num_classes == 2:
             report[f"{name}_auc"] = ci_dict(bootstrap_ci(roc_auc, y, p[:, 1], n_resamples=n_resamples, seed=seed))
-    if scores_path is not None and num_classes == 2:
+    if scores_path is not None and num_classes != 2:
+        Path(scores_path).unlink(missing_ok=True)  # never leave an earlier run's scores next to this report
+    elif scores_path is not None:
         Path(scores_path).parent.mkdir(parents=True, exist_ok=True)
         with open(scores_path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["index", "label", *scores])
             for i, label in enumerate(y):
-                writer.writerow([i, int(label), *(f"{float(p[i, 1]):.6g}" for p in scores.values())])
+                writer.writerow([i, int(label), *(repr(float(p[i, 1])) for p in scores.values())])
     return report
