@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     rows = []
-    for bn_splits, bf16, channels_last in itertools.product((8, 1), (False, True), (False, True)):
+    for bn_splits, bf16, channels_last in itertools.product((8, 2, 1), (False, True), (False, True)):
         rate = step_rate(bn_splits, bf16, channels_last, args.size, args.batch, args.steps)
         rows.append({"bn_splits": bn_splits, "precision": "bf16 autocast" if bf16 else "fp32",
                      "memory_format": "channels_last" if channels_last else "contiguous", "img_s": round(rate, 1)})

@@ -34,7 +34,8 @@ def build(args: argparse.Namespace, work: Path, amp: bool, channels_last: bool) 
                    "model_dir": str(work / "models"), "image_size": args.size, "batch_size": args.batch,
                    "num_epochs": args.rounds, "warmup_epochs": 0, "cache": "memory", "num_workers": args.workers,
                    "monitor_datalist": str(work / "none.json"), "amp": amp, "channels_last": channels_last,
-                   "bn_splits": args.bn_splits, "train#sampler#num_samples": args.batch * args.iters})
+                   "train#sampler#num_samples": args.batch * args.iters,
+                   **({"bn_splits": args.bn_splits} if args.bn_splits else {})})
     parser.parse()
     return parser
 
@@ -93,8 +94,9 @@ def measure(args: argparse.Namespace, name: str, amp: bool, channels_last: bool)
         images["bundle"].append((trainer.state.iteration - before) * args.batch)
         print(f"round {r}: plain {images['plain'][-1] / seconds['plain'][-1]:.1f} img/s, "
               f"bundle {images['bundle'][-1] / seconds['bundle'][-1]:.1f} img/s", flush=True)
-    rate = {k: sum(images[k][1:]) / sum(seconds[k][1:]) for k in images}  # round 0 is warm-up (cache fill)
-    return {"plain_img_s": round(rate["plain"], 2), "bundle_img_s": round(rate["bundle"], 2),
+    rate = {k: sum(images[k][1:]) / sum(seconds[k][1:]) for k in images}
+    bn_splits = parser.get_parsed_content("bn_splits")  # round 0 is warm-up (cache fill)
+    return {"bn_splits": bn_splits, "plain_img_s": round(rate["plain"], 2), "bundle_img_s": round(rate["bundle"], 2),
             "ratio_bundle_over_plain": round(rate["bundle"] / rate["plain"], 3),
             "per_round_img_s": {k: [round(i / s, 1) for i, s in zip(images[k], seconds[k], strict=True)]
                                 for k in images}}
@@ -109,7 +111,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=12, help="iterations per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--bn-splits", type=int, default=8, help="split-BN groups (train.yaml's default: 8)")
+    parser.add_argument("--bn-splits", type=int, default=None, help="split-BN groups (default: train.yaml's)")
     args = parser.parse_args()
     results = {}
     # the bundle's default on this CPU first (fp32, contiguous: see train.yaml), then the alternatives
@@ -119,7 +121,8 @@ def main() -> None:
         # written after each pass, so an interrupted run keeps what it measured
         write_result("moco_throughput", {"image_size": args.size, "batch_size": args.batch,
                                          "iters_per_round": args.iters, "rounds": args.rounds,
-                                         "arch": "resnet18 (ImageNet stem)", "bn_splits": args.bn_splits,
+                                         "arch": "resnet18 (ImageNet stem)",
+                                         "bn_splits": results[name]["bn_splits"],
                                          "results": results})
         saved = json.loads((RESULTS / "moco_throughput.json").read_text())
         (RESULTS / "moco_throughput.md").write_text(markdown(saved))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -29,15 +30,18 @@ def pretrain(args: argparse.Namespace, name: str, epochs: int, amp: bool) -> dic
     out = args.work / name
     overrides = {"dataset_dir": args.data, "output_dir": out, "model_dir": out / "models", "image_size": args.size,
                  "batch_size": args.batch, "num_epochs": epochs, "warmup_epochs": 1, "learning_rate": args.lr,
-                 "amp": amp, "num_workers": 2, "knn_interval": max(1, epochs // 5), "seed": args.seed}
+                 "amp": amp, "num_workers": 2, "knn_interval": max(1, epochs // 5), "seed": args.seed,
+                 **({"bn_splits": args.bn_splits} if args.bn_splits else {})}
     record = out / "benchmark_run.json"
-    if args.reuse and record.exists():  # a run an earlier invocation finished with exactly this command
+    config_sha256 = hashlib.sha256((BUNDLE / "configs" / "train.yaml").read_bytes()).hexdigest()
+    if args.reuse and record.exists():  # a run an earlier invocation finished with this command and config file
         run = json.loads(record.read_text())
-        if run["command"] == printable(bundle_command(BUNDLE, ["train.yaml"], overrides)):
+        if (run["command"], run.get("config_sha256")) == (
+                printable(bundle_command(BUNDLE, ["train.yaml"], overrides)), config_sha256):
             return run
     shutil.rmtree(out, ignore_errors=True)  # a leftover checkpoint would make the bundle resume
     run = monai_run(BUNDLE, ["train.yaml"], overrides, args.work / f"{name}.log")
-    run.update(epochs=epochs, amp_bf16=amp, learning_rate=args.lr)
+    run.update(epochs=epochs, amp_bf16=amp, learning_rate=args.lr, config_sha256=config_sha256)
     out.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(run))
     return run
@@ -106,6 +110,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.075, help="SGD learning rate (MoCo v2's rule gives 0.0075)")
     parser.add_argument("--epochs", type=int, default=15, help="epochs of the main MD-MoCo run")
     parser.add_argument("--precision-epochs", type=int, default=1, help="epochs of the fp32-vs-bf16 pair")
+    parser.add_argument("--bn-splits", type=int, default=None, help="split-BN groups (default: train.yaml's)")
     parser.add_argument("--reuse", action="store_true", help="reuse training runs an earlier invocation finished")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -125,6 +130,7 @@ def main() -> None:
     baseline = evaluations["random init (same architecture)"]
     paired = {name: paired_difference(m, baseline, args.seed) for name, m in evaluations.items() if m is not baseline}
     result = {"settings": {"image_size": args.size, "batch_size": args.batch, "learning_rate": args.lr,
+                           "bn_splits": args.bn_splits or "train.yaml default (batch // 32, at least 2)",
                            "arch": "resnet18", "eval_task": "pneumonia_nih"}, "training": training,
               "evaluations": evaluations, "paired_vs_random_init": paired}
     write_result("pretrain", result)
