@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def plain_epoch(network, optimizer, scheduler, loader, amp: bool, channels_last:
 
 def measure(args: argparse.Namespace, name: str, amp: bool, channels_last: bool) -> dict:
     work = args.work / name
+    shutil.rmtree(work, ignore_errors=True)  # a checkpoint left there would make the bundle resume
     set_determinism(0)
     parser = build(args, work, amp, channels_last)
     trainer = parser.get_parsed_content("train#trainer")
