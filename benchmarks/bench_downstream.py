@@ -77,7 +77,8 @@ def markdown(result: dict) -> str:
              f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, torch "
              f"{result['machine']['torch']}. Commit {result['commit']}.", f"Command: `{result['command']}`", "",
              f"Same budget for every arm: {s['epochs']} epochs, {s['image_size']} px, batch {s['batch_size']}, "
-             f"learning rate {s['learning_rate']}, seed {s['seed']}"
+             f"learning rate {s['learning_rate']}"
+             + (" (RetinaNet: its own 0.01)" if "tb_detection" in result["tasks"] else "") + f", seed {s['seed']}"
              + (f", at most {s['max_items']} images per split" if s["max_items"] else "") + ". Test split, 95 % "
              f"percentile bootstrap CIs ({s['resamples']} resamples)."]
     if s["max_items"]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from monai.inferers import Inferer
+
+from .precision import autocast_on
 
 __all__ = ["AutocastInferer"]
 
@@ -30,8 +31,7 @@ class AutocastInferer(Inferer):
         self.dtype = dtype
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        context = torch.autocast(inputs.device.type, dtype=self.dtype) if self.enabled else contextlib.nullcontext()
-        with context:
+        with autocast_on(inputs.device, self.enabled, dtype=self.dtype):
             outputs = network(inputs, *args, **kwargs)
         if isinstance(outputs, torch.Tensor) and outputs.is_floating_point():
             return outputs.float()

@@ -17,8 +17,8 @@ __all__ = ["autocast_on", "bf16_is_fast", "needs_grad_scaler"]
 def bf16_is_fast(device: torch.device | str) -> bool:
     """True where bf16 autocast speeds training up: CUDA GPUs with bf16 support, and CPUs with AMX tiles.
 
-    CPUs with AVX512-BF16 but no AMX run bf16 convolutions *slower* than fp32 (measured on our 2-core Xeon: a
-    ResNet-18 forward+backward at 128 px ran at 0.76-0.83x of fp32), and elsewhere bf16 is emulated.
+    CPUs with AVX512-BF16 but no AMX run bf16 convolutions *slower* than fp32 (on our 2-core Xeon a MoCo step ran at
+    0.78-0.90x of fp32: benchmarks/results/moco_step.md), and elsewhere bf16 is emulated.
     """
     device = torch.device(device)
     if device.type == "cuda":
