@@ -1,7 +1,6 @@
 """Every downstream task from every ``init`` kind, as users run it (``python -m monai.bundle run``, fine-tune then
 test report) on the real subsets. Tiny budgets: this shows that each combination runs end to end and starts from the
-weights it names, not how well it does (that is benchmarks/bench_downstream.py). About 5 minutes on 2 CPU cores,
-hence ``slow``: ``pytest -m slow tests/test_init_matrix.py``."""
+weights it names, not how well it does (that is benchmarks/bench_downstream.py). About 3 minutes on 2 CPU cores."""
 
 from __future__ import annotations
 
@@ -18,8 +17,6 @@ from tests.test_detection_bundle import _slice_datalist
 from tests.test_detection_bundle import tiny as tiny_detection
 from tests.test_downstream_bundle import tiny
 from tests.test_pretrained import torchvision_resnet18_state_dict
-
-pytestmark = pytest.mark.slow
 
 # task -> (config, the report's key metric)
 TASKS = {"classification": ("classification.yaml", "roc_auc"), "regression": ("regression.yaml", "mae"),
