@@ -16,11 +16,10 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from muscle_ext.networks import MoCo, build_backbone
 
-from common import RESULTS, write_result
+from common import RESULTS, plain_moco_step, write_result
 
 
 def step_rate(bn_splits: int, bf16: bool, channels_last: bool, size: int, batch: int, steps: int) -> float:
@@ -33,14 +32,7 @@ def step_rate(bn_splits: int, bf16: bool, channels_last: bool, size: int, batch:
     seconds = []
     for _ in range(steps + 1):
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits, labels, keys = moco(*views, return_keys=True)
-            loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        moco.update_key_encoder()
-        moco.dequeue_and_enqueue(keys)
+        plain_moco_step(moco, optimizer, *views, amp=bf16)
         seconds.append(time.perf_counter() - start)
     return batch / statistics.median(seconds[1:])
 

@@ -20,9 +20,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.utils import set_determinism
 
-from muscle_ext.engines import unwrap_moco
-
-from common import RESULTS, write_result
+from common import RESULTS, plain_moco_step, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "muscle_pretrain"
@@ -44,22 +42,13 @@ def build(args: argparse.Namespace, work: Path, amp: bool, channels_last: bool) 
 def plain_epoch(network, optimizer, scheduler, loader, amp: bool, channels_last: bool) -> int:
     """The MoCo step written by hand: what a user would write without MONAI/Ignite."""
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    moco = unwrap_moco(network)
-    criterion = torch.nn.CrossEntropyLoss()
     seen = 0
     network.train()
     for batch in loader:
         im_q = batch["image_q"].as_tensor().contiguous(memory_format=memory_format)
         im_k = batch["image_k"].as_tensor().contiguous(memory_format=memory_format)
-        optimizer.zero_grad(set_to_none=False)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            logits, labels, keys = network(im_q, im_k, return_keys=True)
-            loss = criterion(logits.float(), labels)
-        loss.backward()
-        optimizer.step()
+        plain_moco_step(network, optimizer, im_q, im_k, amp)
         scheduler.step()
-        moco.update_key_encoder()
-        moco.dequeue_and_enqueue(keys)
         seen += im_q.shape[0]
     return seen
 

@@ -83,3 +83,20 @@ def monai_run(bundle: Path, configs: list[str], overrides: dict, log: Path) -> d
         raise subprocess.CalledProcessError(proc.returncode, cmd, output=f"see {log}")
     return {"command": printable(cmd), "wall_s": round(time.perf_counter() - start, 1),
             "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
+
+
+def plain_moco_step(network, optimizer, im_q, im_k, amp: bool) -> None:
+    """One MoCo step written by hand, as a user would without MONAI/Ignite: the reference the benchmarks time."""
+    import torch
+
+    from muscle_ext.engines import unwrap_moco
+
+    moco = unwrap_moco(network)
+    optimizer.zero_grad(set_to_none=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        logits, labels, keys = network(im_q, im_k, return_keys=True)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+    loss.backward()
+    optimizer.step()
+    moco.update_key_encoder()
+    moco.dequeue_and_enqueue(keys)

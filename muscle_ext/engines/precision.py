@@ -24,9 +24,8 @@ def bf16_is_fast(device: torch.device | str) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
         try:
-            return bool(amx is not None and amx() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            return bool(torch.cpu._is_amx_tile_supported() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
         except (AttributeError, RuntimeError):
             return False
     return False
