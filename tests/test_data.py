@@ -6,12 +6,14 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from monai.transforms import Compose, RandAffined
+from monai.data import MetaTensor
+from monai.transforms import Compose, OneOf, RandAffined, RandGaussianNoised, RandScaleIntensityd
 from PIL import Image
 
 from muscle_ext.data import (
     CLAHE,
     DatalistError,
+    DrawSeededDataset,
     PooledSampler,
     datalist_from_class_folders,
     datalist_from_csv,
@@ -247,6 +249,31 @@ def test_pooled_datasets_apply_their_own_preprocessing(xray_root, tmp_path):
     torch.testing.assert_close(torch.as_tensor(memory[4]["image"]), torch.as_tensor(pool[4]["image"]))
     with pytest.raises(ValueError, match="no pre-processing configured"):
         pool_datasets(subset, {"nih_chestxray14": pre["default"]})
+
+
+def test_draw_seeded_pool_augments_by_seed_alone(xray_root):
+    from muscle_ext.data.augment import moco_two_view_transforms
+
+    items = load_datalist(xray_root / "pretrain_datalist.json", "training")
+    subset = [i for i in items if i["dataset"] == "knee_oa_chen2018"][:3] + \
+        [i for i in items if i["dataset"] == "nih_chestxray14"][:3]
+    branch = OneOf([RandScaleIntensityd("image_q", factors=0.5, prob=1.0), RandGaussianNoised("image_q", prob=1.0)])
+    augmentation = {"default": moco_two_view_transforms(32, flip_lr=True) + [branch],
+                    "chest": moco_two_view_transforms(32, flip_lr=False)}
+    pool = DrawSeededDataset(pool_datasets(subset, {"default": xray_preprocessing("image", size=48)},
+                                           augmentation, cache="memory"))
+    first = pool[(4, 11)]
+    assert isinstance(first["image_q"], torch.Tensor) and not isinstance(first["image_q"], MetaTensor)  # views
+    assert not torch.equal(first["image_q"], first["image_k"])  # the two views of one draw are augmented apart
+    for key in [(0, 5), (1, 11), (5, 3), (-2, 11), (2, 8)]:  # whatever was drawn in between, from either part
+        pool[key]
+    again = pool[(4, 11)]
+    assert torch.equal(first["image_q"], again["image_q"]) and torch.equal(first["image_k"], again["image_k"])
+    assert not torch.equal(pool[(4, 12)]["image_q"], first["image_q"])
+    # the OneOf branch of the knee chain (a nested Compose with its own choice) is seeded too
+    assert torch.equal(pool[(1, 9)]["image_q"], pool[(1, 9)]["image_q"])
+    with pytest.raises(IndexError, match="out of range"):
+        pool[(6, 0)]
 
 
 def test_datalist_json_is_decathlon_style(xray_root):
