@@ -17,8 +17,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
+from monai.transforms import Compose
 
-from muscle_ext.metrics import ci_dict, paired_difference_ci, roc_auc
+from muscle_ext.data import load_datalist, xray_preprocessing
+from muscle_ext.metrics import bootstrap_ci, ci_dict, paired_difference_ci, roc_auc
+from muscle_ext.metrics.embedding import knn_scores
 
 from common import RESULTS, bundle_command, monai_run, printable, write_result
 
@@ -31,7 +35,8 @@ def pretrain(args: argparse.Namespace, name: str, epochs: int, amp: bool) -> dic
     overrides = {"dataset_dir": args.data, "output_dir": out, "model_dir": out / "models", "image_size": args.size,
                  "batch_size": args.batch, "num_epochs": epochs, "warmup_epochs": 1, "learning_rate": args.lr,
                  "amp": amp, "num_workers": 2, "knn_interval": max(1, epochs // 5), "seed": args.seed,
-                 **({"bn_splits": args.bn_splits} if args.bn_splits else {})}
+                 **({"bn_splits": args.bn_splits} if args.bn_splits else {}),
+                 **({"view_augmentation": args.view_augmentation} if args.view_augmentation else {})}
     record = out / "benchmark_run.json"
     config_sha256 = hashlib.sha256((BUNDLE / "configs" / "train.yaml").read_bytes()).hexdigest()
     if args.reuse and record.exists():  # a run an earlier invocation finished with this command and config file
@@ -47,15 +52,32 @@ def pretrain(args: argparse.Namespace, name: str, epochs: int, amp: bool) -> dic
     return run
 
 
-def evaluate(args: argparse.Namespace, name: str, init: str, backbone: Path | None) -> dict:
-    out = args.work / f"eval_{name}"
+def evaluate(args: argparse.Namespace, name: str, init: str, backbone: Path | None, section: str = "test") -> dict:
+    out = args.work / (f"eval_{name}" if section == "test" else f"eval_{name}_{section}")
     overrides = {"dataset_dir": args.data, "output_dir": out, "init": init, "image_size": args.size,
-                 "seed": args.seed, "n_resamples": 1000}
+                 "seed": args.seed, "n_resamples": 1000, "query_section": section}
     if backbone is not None:
         overrides["backbone_path"] = backbone
-    run = monai_run(BUNDLE, ["evaluate.yaml"], overrides, args.work / f"eval_{name}.log")
+    run = monai_run(BUNDLE, ["evaluate.yaml"], overrides, out.with_suffix(".log"))
     return {"command": run["command"], "scores_csv": str(out / "query_scores.csv"),
             **json.loads((out / "metrics.json").read_text())}
+
+
+def histogram_knn(args: argparse.Namespace, section: str, bins: int = 32) -> dict:
+    """The same kNN on each image's grey-level histogram (after the same pre-processing): what global intensity
+    alone tells about the label, the bar that random-init ResNet features turn out to sit at."""
+    preprocess = Compose(xray_preprocessing("image", size=args.size))
+    datalist = args.data / "pneumonia_nih" / "datalist.json"
+
+    def histograms(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        items = load_datalist(datalist, split)
+        images = [torch.as_tensor(preprocess(item)["image"]).flatten() for item in items]
+        return (torch.stack([torch.histc(x, bins=bins, min=0.0, max=1.0) / x.numel() for x in images]),
+                torch.tensor([int(item["label"]) for item in items]))
+
+    (ref_x, ref_y), (query_x, query_y) = histograms("training"), histograms(section)
+    scores = knn_scores(ref_x, ref_y, query_x, num_classes=2)[:, 1].numpy()
+    return {"knn_auc": ci_dict(bootstrap_ci(roc_auc, query_y.numpy(), scores, n_resamples=1000, seed=args.seed))}
 
 
 def paired_difference(a: dict, b: dict, seed: int) -> dict:
@@ -87,6 +109,15 @@ def markdown(result: dict) -> str:
              "| backbone | kNN AUC [95% CI] | linear-probe AUC [95% CI] | embedding spread |", "|---|---|---|---|"]
     for name, m in result["evaluations"].items():
         lines.append(f"| {name} | {auc(m, 'knn_auc')} | {auc(m, 'linear_probe_auc')} | {m['embedding_spread']:.3f} |")
+    histogram = result.get("histogram_knn")
+    if histogram:
+        lines.append(f"| no network: 32-bin grey-level histogram kNN | {auc(histogram['test'], 'knn_auc')} | | |")
+    lines += ["", "The same on the validation split (n=132), the split that settings are chosen on:", "",
+              "| backbone | kNN AUC [95% CI] | linear-probe AUC [95% CI] |", "|---|---|---|"]
+    for name, m in result.get("validation", {}).items():
+        lines.append(f"| {name} | {auc(m, 'knn_auc')} | {auc(m, 'linear_probe_auc')} |")
+    if histogram:
+        lines.append(f"| no network: 32-bin histogram kNN | {auc(histogram['validation'], 'knn_auc')} | |")
     lines += ["", "Paired difference to random init (AUC of the MD-MoCo backbone minus AUC at random init, the "
               "same 160 test cases in every bootstrap resample; an interval above 0 means MD-MoCo is better):", "",
               "| backbone | kNN AUC difference [95% CI] | linear-probe AUC difference [95% CI] |", "|---|---|---|"]
@@ -111,18 +142,24 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15, help="epochs of the main MD-MoCo run")
     parser.add_argument("--precision-epochs", type=int, default=1, help="epochs of the fp32-vs-bf16 pair")
     parser.add_argument("--bn-splits", type=int, default=None, help="split-BN groups (default: train.yaml's)")
+    parser.add_argument("--view-augmentation", type=str, default=None,
+                        help="train.yaml's view_augmentation override, a Python dict literal (default: train.yaml's)")
+    parser.add_argument("--result-name", default="pretrain", help="benchmarks/results/<name>.json and .md")
     parser.add_argument("--reuse", action="store_true", help="reuse training runs an earlier invocation finished")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
 
     training = {"md_moco_fp32": pretrain(args, "md_moco_fp32", args.epochs, amp=False)}
+    main_backbone = args.work / "md_moco_fp32" / "models" / "backbone.pt"
     evaluations = {
-        f"MD-MoCo, {args.epochs} epochs (fp32)": evaluate(args, "md_moco", "checkpoint",
-                                                          args.work / "md_moco_fp32" / "models" / "backbone.pt"),
+        f"MD-MoCo, {args.epochs} epochs (fp32)": evaluate(args, "md_moco", "checkpoint", main_backbone),
         "random init (same architecture)": evaluate(args, "scratch", "scratch", None),
     }
-    for amp in (True, False):
+    validation = {f"MD-MoCo, {args.epochs} epochs (fp32)": evaluate(args, "md_moco", "checkpoint", main_backbone,
+                                                                    "validation"),
+                  "random init (same architecture)": evaluate(args, "scratch", "scratch", None, "validation")}
+    for amp in (True, False) if args.precision_epochs > 0 else ():
         name = f"short_{'bf16' if amp else 'fp32'}"
         training[name] = pretrain(args, name, args.precision_epochs, amp=amp)
         evaluations[f"MD-MoCo, {args.precision_epochs} epochs ({'bf16' if amp else 'fp32'})"] = evaluate(
@@ -131,11 +168,13 @@ def main() -> None:
     paired = {name: paired_difference(m, baseline, args.seed) for name, m in evaluations.items() if m is not baseline}
     result = {"settings": {"image_size": args.size, "batch_size": args.batch, "learning_rate": args.lr,
                            "bn_splits": args.bn_splits or "train.yaml default (batch // 32, at least 2)",
+                           "view_augmentation": args.view_augmentation or "train.yaml default",
                            "arch": "resnet18", "eval_task": "pneumonia_nih"}, "training": training,
-              "evaluations": evaluations, "paired_vs_random_init": paired}
-    write_result("pretrain", result)
-    saved = json.loads((RESULTS / "pretrain.json").read_text())
-    (RESULTS / "pretrain.md").write_text(markdown(saved))
+              "evaluations": evaluations, "paired_vs_random_init": paired, "validation": validation,
+              "histogram_knn": {section: histogram_knn(args, section) for section in ("test", "validation")}}
+    write_result(args.result_name, result)
+    saved = json.loads((RESULTS / f"{args.result_name}.json").read_text())
+    (RESULTS / f"{args.result_name}.md").write_text(markdown(saved))
 
 
 if __name__ == "__main__":
