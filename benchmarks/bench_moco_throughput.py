@@ -45,8 +45,8 @@ def plain_epoch(network, optimizer, scheduler, loader, amp: bool, channels_last:
     seen = 0
     network.train()
     for batch in loader:
-        im_q = batch["image_q"].as_tensor().contiguous(memory_format=memory_format)
-        im_k = batch["image_k"].as_tensor().contiguous(memory_format=memory_format)
+        im_q = batch["image_q"].as_subclass(torch.Tensor).contiguous(memory_format=memory_format)
+        im_k = batch["image_k"].as_subclass(torch.Tensor).contiguous(memory_format=memory_format)
         plain_moco_step(network, optimizer, im_q, im_k, amp)
         scheduler.step()
         seen += im_q.shape[0]
