@@ -63,9 +63,10 @@ def evaluate(args: argparse.Namespace, name: str, init: str, backbone: Path | No
             **json.loads((out / "metrics.json").read_text())}
 
 
-def histogram_knn(args: argparse.Namespace, section: str, bins: int = 32) -> dict:
-    """The same kNN on each image's grey-level histogram (after the same pre-processing): what global intensity
-    alone tells about the label, the bar that random-init ResNet features turn out to sit at."""
+def histogram_knn(args: argparse.Namespace, sections: tuple[str, ...] = ("test", "validation"),
+                  bins: int = 32) -> dict:
+    """The same kNN on each image's grey-level histogram (after the same pre-processing), per query section: what
+    global intensity alone tells about the label, the bar that random-init ResNet features turn out to sit at."""
     preprocess = Compose(xray_preprocessing("image", size=args.size))
     datalist = args.data / "pneumonia_nih" / "datalist.json"
 
@@ -75,9 +76,14 @@ def histogram_knn(args: argparse.Namespace, section: str, bins: int = 32) -> dic
         return (torch.stack([torch.histc(x, bins=bins, min=0.0, max=1.0) / x.numel() for x in images]),
                 torch.tensor([int(item["label"]) for item in items]))
 
-    (ref_x, ref_y), (query_x, query_y) = histograms("training"), histograms(section)
-    scores = knn_scores(ref_x, ref_y, query_x, num_classes=2)[:, 1].numpy()
-    return {"knn_auc": ci_dict(bootstrap_ci(roc_auc, query_y.numpy(), scores, n_resamples=1000, seed=args.seed))}
+    ref_x, ref_y = histograms("training")
+    result = {}
+    for section in sections:
+        query_x, query_y = histograms(section)
+        scores = knn_scores(ref_x, ref_y, query_x, num_classes=2)[:, 1].numpy()
+        result[section] = {"knn_auc": ci_dict(bootstrap_ci(roc_auc, query_y.numpy(), scores, n_resamples=1000,
+                                                           seed=args.seed))}
+    return result
 
 
 def paired_difference(a: dict, b: dict, seed: int) -> dict:
@@ -171,7 +177,7 @@ def main() -> None:
                            "view_augmentation": args.view_augmentation or "train.yaml default",
                            "arch": "resnet18", "eval_task": "pneumonia_nih"}, "training": training,
               "evaluations": evaluations, "paired_vs_random_init": paired, "validation": validation,
-              "histogram_knn": {section: histogram_knn(args, section) for section in ("test", "validation")}}
+              "histogram_knn": histogram_knn(args)}
     write_result(args.result_name, result)
     saved = json.loads((RESULTS / f"{args.result_name}.json").read_text())
     (RESULTS / f"{args.result_name}.md").write_text(markdown(saved))

@@ -270,8 +270,10 @@ def test_draw_seeded_pool_augments_by_seed_alone(xray_root):
     again = pool[(4, 11)]
     assert torch.equal(first["image_q"], again["image_q"]) and torch.equal(first["image_k"], again["image_k"])
     assert not torch.equal(pool[(4, 12)]["image_q"], first["image_q"])
-    # the OneOf branch of the knee chain (a nested Compose with its own choice) is seeded too
-    assert torch.equal(pool[(1, 9)]["image_q"], pool[(1, 9)]["image_q"])
+    # the OneOf branch of the knee chain (a nested Compose with its own choice) is seeded too: unseeded, its
+    # choice would differ between two draws of the same seed in about half of these
+    for seed in range(8):
+        assert torch.equal(pool[(1, seed)]["image_q"], pool[(1, seed)]["image_q"])
     with pytest.raises(IndexError, match="out of range"):
         pool[(6, 0)]
 
