@@ -37,7 +37,7 @@ def pretrain(args: argparse.Namespace, name: str, epochs: int, amp: bool) -> dic
                  "amp": amp, "num_workers": 2, "knn_interval": max(1, epochs // 5), "seed": args.seed,
                  **({"bn_splits": args.bn_splits} if args.bn_splits else {}),
                  **({"view_augmentation": args.view_augmentation} if args.view_augmentation else {}),
-                 **dict(override.split("=", 1) for override in args.set)}
+                 **dict(args.set)}
     record = out / "benchmark_run.json"
     config_sha256 = hashlib.sha256((BUNDLE / "configs" / "train.yaml").read_bytes()).hexdigest()
     if args.reuse and record.exists():  # a run an earlier invocation finished with this command and config file
@@ -139,6 +139,13 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (a train.yaml override), got {text!r}")
+    return key, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared/data/xray")
@@ -149,7 +156,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15, help="epochs of the main MD-MoCo run")
     parser.add_argument("--precision-epochs", type=int, default=1, help="epochs of the fp32-vs-bf16 pair")
     parser.add_argument("--bn-splits", type=int, default=None, help="split-BN groups (default: train.yaml's)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=key_value,
                         help="any other train.yaml override for the MD-MoCo runs, e.g. --set temperature=0.1")
     parser.add_argument("--view-augmentation", type=str, default=None,
                         help="train.yaml's view_augmentation override, a Python dict literal (default: train.yaml's)")
@@ -178,7 +185,7 @@ def main() -> None:
     result = {"settings": {"image_size": args.size, "batch_size": args.batch, "learning_rate": args.lr,
                            "bn_splits": args.bn_splits or "train.yaml default (batch // 32, at least 2)",
                            "view_augmentation": args.view_augmentation or "train.yaml default",
-                           "other_overrides": args.set,
+                           "other_overrides": dict(args.set),
                            "arch": "resnet18", "eval_task": "pneumonia_nih"}, "training": training,
               "evaluations": evaluations, "paired_vs_random_init": paired, "validation": validation,
               "histogram_knn": histogram_knn(args)}
