@@ -248,3 +248,29 @@ def test_stock_handlers():
     assert trainer.state.epoch == 2 and trainer.state.iteration == 4  # stopped early, not after 5 epochs
     assert lrs == pytest.approx([cosine_with_warmup_factor(i, 1, 6) for i in range(1, 5)])
     assert any("acc_top1: " in m and "loss: " in m for m in messages)
+
+
+def test_knn_monitor_records_metrics_and_leaves_the_global_rng_alone():
+    from ignite.engine import Engine
+    from torch.utils.data import DataLoader
+
+    from muscle_ext.handlers import KNNMonitor
+
+    # two classes told apart by which half is bright: their pooled 2x2 embeddings point in different directions
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for i in range(16):
+        image = 0.1 * torch.rand(1, 8, 8, generator=g)
+        image[:, :4] += 1.0 if i % 2 else 0.0
+        image[:, 4:] += 0.0 if i % 2 else 1.0
+        data.append({"image": image, "label": i % 2})
+    embed = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    monitor = KNNMonitor(embed, DataLoader(data, batch_size=4), DataLoader(data, batch_size=4), k=3,
+                         device="cpu")
+    engine = Engine(lambda e, b: None)
+    before = torch.get_rng_state()
+    monitor(engine)
+    # loaders draw their base seed from the global RNG; training draws shuffle-BN permutations from it too
+    assert torch.equal(torch.get_rng_state(), before)
+    assert engine.state.metrics["knn_auc"] == pytest.approx(1.0)
+    assert engine.state.metrics["knn_accuracy"] == pytest.approx(1.0)

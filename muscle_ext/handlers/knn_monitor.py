@@ -42,8 +42,11 @@ class KNNMonitor:
         module = self.backbone() if callable(self.backbone) and not isinstance(self.backbone, nn.Module) \
             else self.backbone
         device = self.device or next(module.parameters()).device
-        ref_x, ref_y = extract_embeddings(module, self.reference_loader, device)
-        query_x, query_y = extract_embeddings(module, self.query_loader, device)
+        # Iterating a DataLoader draws its base seed from the global torch RNG, which training also draws from
+        # (shuffle-BN permutations): restore it, so that how often the monitor runs does not change the training.
+        with torch.random.fork_rng(devices=[]):
+            ref_x, ref_y = extract_embeddings(module, self.reference_loader, device)
+            query_x, query_y = extract_embeddings(module, self.query_loader, device)
         scores = knn_scores(ref_x, ref_y, query_x, self.num_classes, self.k, self.temperature)
         metrics = {
             f"{self.prefix}accuracy": float((scores.argmax(1) == query_y.long()).float().mean()),
