@@ -18,13 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.transforms import Compose
 
-from muscle_ext.data import load_datalist, xray_preprocessing
 from muscle_ext.metrics import bootstrap_ci, ci_dict, paired_difference_ci, roc_auc
 from muscle_ext.metrics.embedding import knn_scores
 
-from common import RESULTS, bundle_command, monai_run, printable, write_result
+from common import RESULTS, bundle_command, load_labelled_images, monai_run, printable, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "muscle_pretrain"
@@ -68,14 +66,11 @@ def histogram_knn(args: argparse.Namespace, sections: tuple[str, ...] = ("test",
                   bins: int = 32) -> dict:
     """The same kNN on each image's grey-level histogram (after the same pre-processing), per query section: what
     global intensity alone tells about the label, the bar that random-init ResNet features turn out to sit at."""
-    preprocess = Compose(xray_preprocessing("image", size=args.size))
     datalist = args.data / "pneumonia_nih" / "datalist.json"
 
     def histograms(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        items = load_datalist(datalist, split)
-        images = [torch.as_tensor(preprocess(item)["image"]).flatten() for item in items]
-        return (torch.stack([torch.histc(x, bins=bins, min=0.0, max=1.0) / x.numel() for x in images]),
-                torch.tensor([int(item["label"]) for item in items]))
+        images, labels = load_labelled_images(datalist, split, args.size)
+        return torch.stack([torch.histc(x, bins=bins, min=0.0, max=1.0) / x.numel() for x in images]), labels
 
     ref_x, ref_y = histograms("training")
     result = {}

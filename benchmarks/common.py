@@ -100,3 +100,16 @@ def plain_moco_step(network, optimizer, im_q, im_k, amp: bool) -> None:
     optimizer.step()
     moco.update_key_encoder()
     moco.dequeue_and_enqueue(keys)
+
+
+def load_labelled_images(datalist: Path, split: str, size: int):
+    """A labelled datalist split pre-processed as evaluate.yaml does: images ``(N, 1, size, size)`` and labels."""
+    import torch
+    from monai.transforms import Compose
+
+    from muscle_ext.data import load_datalist, xray_preprocessing
+
+    preprocess = Compose(xray_preprocessing("image", size=size))
+    items = load_datalist(datalist, split)
+    return (torch.stack([torch.as_tensor(preprocess(item)["image"]) for item in items]),
+            torch.tensor([int(item["label"]) for item in items]))

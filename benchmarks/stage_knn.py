@@ -16,24 +16,15 @@ import json
 from pathlib import Path
 
 import torch
-from monai.transforms import Compose
 
-from muscle_ext.data import load_datalist, xray_preprocessing
 from muscle_ext.metrics import roc_auc
 from muscle_ext.metrics.embedding import knn_scores, linear_probe_scores
 from muscle_ext.networks import initialize_backbone
 from muscle_ext.networks.backbone import backbone_feature_maps
 
-from common import write_result
+from common import load_labelled_images, write_result
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_split(datalist: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    preprocess = Compose(xray_preprocessing("image", size=size))
-    items = load_datalist(datalist, split)
-    return (torch.stack([torch.as_tensor(preprocess(item)["image"]) for item in items]),
-            torch.tensor([int(item["label"]) for item in items]))
 
 
 @torch.no_grad()
@@ -65,7 +56,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     datalist = args.data / "pneumonia_nih" / "datalist.json"
-    reference, query = load_split(datalist, "training", args.size), load_split(datalist, "validation", args.size)
+    reference = load_labelled_images(datalist, "training", args.size)
+    query = load_labelled_images(datalist, "validation", args.size)
     rows = {}
     for spec in args.backbone:
         name, _, path = spec.partition("=")
