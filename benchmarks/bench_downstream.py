@@ -9,15 +9,25 @@ Runs the bundle exactly as users do (`python -m monai.bundle run`, train then ev
 RSS of each training run, and writes benchmarks/results/<name>.json and <name>.md (default name: downstream) with
 the metrics, their CIs and the exact commands. `--imagenet <torchvision resnet state dict>` adds ImageNet
 initialisation as a third arm. Budgets, image size and learning rate are the same for every arm.
+
+Every pre-trained arm is also compared with scratch case by case (the evaluate report's per_case.csv: both arms
+scored the same test images in the same order), as a paired bootstrap interval of the difference in the task's
+headline metric (ROC AUC, mean Dice, MAE): an interval that excludes 0 says the two differ even where their
+separate intervals overlap.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import shutil
 from pathlib import Path
+
+import numpy as np
+
+from muscle_ext.metrics import bootstrap_mean_ci, ci_dict, paired_difference_ci, roc_auc
 
 from common import RESULTS, monai_run, write_result
 
@@ -60,7 +70,32 @@ def run_arm(args: argparse.Namespace, task: str, arm: str, init: dict) -> dict:
     evaluation = {k: v for k, v in settings.items() if k != "init_weights"}  # model.pt replaces the weights
     evaluate = monai_run(BUNDLE, ["common.yaml", config, "evaluate.yaml"], evaluation, out / "evaluate.log")
     return {"train": train, "evaluate": {"command": evaluate["command"], "wall_s": evaluate["wall_s"]},
-            "metrics": json.loads((out / "metrics.json").read_text())}
+            "metrics": json.loads((out / "metrics.json").read_text()), "per_case": str(out / "per_case.csv")}
+
+
+def _per_case(path: str) -> dict[str, np.ndarray] | None:
+    if not Path(path).is_file():  # detection has no per-image scores
+        return None
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return {key: np.array([float(r[key]) for r in rows]) for key in rows[0] if key != "index"}
+
+
+def paired_vs_scratch(arm: dict, scratch: dict, resamples: int, seed: int) -> dict | None:
+    """The arm's headline metric minus scratch's, with a paired bootstrap CI over the same test images: AUC
+    (higher is better), mean Dice (higher is better) or MAE (lower is better)."""
+    a, b = _per_case(arm["per_case"]), _per_case(scratch["per_case"])
+    if a is None or b is None:
+        return None
+    if "label" in a and not np.array_equal(a["label"], b["label"]):
+        raise ValueError(f"{arm['per_case']} and {scratch['per_case']} scored different cases")
+    if "score" in a:
+        return {"roc_auc": ci_dict(paired_difference_ci(roc_auc, a["label"], a["score"], b["score"], resamples,
+                                                        seed=seed))}
+    if "dice" in a:
+        return {"dice": ci_dict(bootstrap_mean_ci(a["dice"] - b["dice"], resamples, seed=seed))}
+    errors = np.abs(a["pred"] - a["label"]) - np.abs(b["pred"] - b["label"])
+    return {"mae": ci_dict(bootstrap_mean_ci(errors, resamples, seed=seed))}
 
 
 def _fmt(entry: dict | None) -> str:
@@ -93,6 +128,12 @@ def markdown(result: dict) -> str:
             row = [arm, *(_fmt(r["metrics"].get(m)) for m in names), str(r["train"]["wall_s"]),
                    str(r["train"]["peak_rss_gib"])]
             lines.append("| " + " | ".join(row) + " |")
+        paired = {arm: r["paired_vs_scratch"] for arm, r in by_arm.items() if r.get("paired_vs_scratch")}
+        for arm, diff in paired.items():
+            (metric, entry), = diff.items()
+            better = "lower" if metric == "mae" else "higher"
+            lines += ["", f"Paired difference {arm} - scratch, {metric} ({better} is better for {arm}), same "
+                      f"{n} test images in every resample: **{_fmt(entry)}**."]
         lines += ["", "Commands:", ""]
         for arm, r in by_arm.items():
             lines += [f"- {arm}, train: `{r['train']['command']}`", f"- {arm}, evaluate: `{r['evaluate']['command']}`"]
@@ -131,6 +172,9 @@ def main() -> None:
     tasks: dict[str, dict] = {}
     for task in args.tasks:
         tasks[task] = {arm: run_arm(args, task, arm, init) for arm, init in arms(args).items()}
+        for arm, r in tasks[task].items():
+            if arm != "scratch":
+                r["paired_vs_scratch"] = paired_vs_scratch(r, tasks[task]["scratch"], args.resamples, args.seed)
         # written after each task, so an interrupted benchmark keeps what it measured
         write_result(args.name, {"settings": settings, "tasks": tasks})
         saved = json.loads((RESULTS / f"{args.name}.json").read_text())

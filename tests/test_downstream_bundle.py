@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from muscle_ext.data import case_id, datalist_from_folder, load_datalist, read_xray, subset
+from muscle_ext.metrics import roc_auc
 from muscle_ext.networks import build_backbone, file_sha256, load_backbone_checkpoint, save_backbone
 
 from tests.bundle_utils import BUNDLES, run_bundle
@@ -124,6 +125,19 @@ def test_finetune_and_evaluate_on_the_real_test_split(task, trained, xray_root):
     assert all((root / "out" / f).stat().st_size > 1000 for f in metrics["figures"])
     if task == "regression":
         assert metrics["unit"] == "months" and 0 < metrics["mae"]["value"] < 250
+    # per-case scores for paired comparisons: one row per test image, no file names, and they give the headline
+    with (root / "out" / "per_case.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == metrics["n"] and [int(r["index"]) for r in rows] == list(range(len(rows)))
+    column = {name: np.array([float(r[name]) for r in rows]) for name in rows[0] if name != "index"}
+    if "score" in column:
+        assert set(column) == {"label", "score"}
+        assert roc_auc(column["label"], column["score"]) == pytest.approx(metrics["roc_auc"]["value"])
+    elif "pred" in column:
+        assert np.mean(np.abs(column["pred"] - column["label"])) == pytest.approx(metrics["mae"]["value"], rel=1e-5)
+    else:
+        assert set(column) == {"dice", "iou"}
+        assert np.nanmean(column["dice"]) == pytest.approx(metrics["dice"]["value"])
     if task == "pneumonia":  # the report and figures were uploaded to the evaluation run
         assert list((root / "out" / "mlruns").glob("*/artifacts/metrics.json"))
         assert list((root / "out" / "mlruns").glob("*/artifacts/figures/roc_curve.png"))
@@ -410,6 +424,8 @@ def test_report_with_one_class_writes_null_auc_and_no_roc(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())  # strict JSON: the undefined AUC is null
     assert metrics["n"] == 10 and metrics["roc_auc"]["value"] is None and metrics["sensitivity"]["value"] == 1.0
     assert metrics["figures"] == ["figures/confusion_matrix.png"] and engine.state.metrics["x_accuracy"] == 1.0
+    rows = (tmp_path / "per_case.csv").read_text().splitlines()
+    assert rows[0] == "index,label,score" and len(rows) == 11 and rows[1] == "0,1,0.699999988079071"  # float32 0.7
 
 
 # ----------------------------------------------------------------------------------------------------- datalists

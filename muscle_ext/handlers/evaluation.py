@@ -5,12 +5,16 @@ A report collects one (prediction, label) pair per item of the evaluator's decol
 post-processing. When the evaluation epoch ends it writes ``<output_dir>/metrics.json`` and PNG figures under
 ``<output_dir>/<figure_dir>/``, and puts the scalar metrics (``<prefix><name>``, ``..._ci_low``, ``..._ci_high``)
 into ``engine.state.metrics`` so that ``StatsHandler`` prints them and ``TrackingHandler`` logs them; list the JSON
-and the figure folder in ``TrackingHandler(artifacts=...)`` to upload them. Nothing per image is written except the
-overlay figures, and no file names: reports stay free of patient identifiers.
+and the figure folder in ``TrackingHandler(artifacts=...)`` to upload them.
+
+Per image, a report writes only ``<output_dir>/per_case.csv`` (one row per evaluated item, in the loader's order:
+``index`` plus the task's scores, e.g. label and positive-class probability) for paired comparisons of two models
+on the same split, and the overlay figures. No file names: reports stay free of patient identifiers.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import os
@@ -22,7 +26,14 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from muscle_ext.metrics import binary_classification_report, regression_report, segmentation_report, to_positive_prob
+from muscle_ext.metrics import (
+    binary_classification_report,
+    per_image_means,
+    regression_report,
+    segmentation_report,
+    segmentation_scores,
+    to_positive_prob,
+)
 from muscle_ext.metrics.report import write_report
 
 __all__ = ["ClassificationReport", "EvaluationReport", "RegressionReport", "SegmentationReport"]
@@ -53,6 +64,7 @@ class EvaluationReport:
         split: name of the evaluated split, recorded in the report.
         n_resamples, alpha, seed: percentile bootstrap settings (``1 - alpha`` intervals, paired across metrics).
         metric_prefix: prefix of the scalars put into ``engine.state.metrics``.
+        per_case_filename: the per-image scores (``None``: not written), for tasks that define them.
     """
 
     task = "generic"
@@ -60,7 +72,8 @@ class EvaluationReport:
 
     def __init__(self, output_dir: str | os.PathLike, filename: str = "metrics.json", figure_dir: str = "figures",
                  pred_key: str = "pred", label_key: str = "label", split: str = "test", n_resamples: int = 1000,
-                 alpha: float = 0.05, seed: int = 0, metric_prefix: str = "test_") -> None:
+                 alpha: float = 0.05, seed: int = 0, metric_prefix: str = "test_",
+                 per_case_filename: str | None = "per_case.csv") -> None:
         self.output_dir = Path(output_dir)
         self.filename = filename
         self.figure_dir = figure_dir
@@ -71,6 +84,7 @@ class EvaluationReport:
         self.alpha = float(alpha)
         self.seed = int(seed)
         self.metric_prefix = metric_prefix
+        self.per_case_filename = per_case_filename
         self.report: dict[str, Any] | None = None
         self.reset()
 
@@ -98,6 +112,25 @@ class EvaluationReport:
     def figures(self, report: Mapping[str, Any], folder: Path) -> list[Path]:
         return []
 
+    def per_case(self) -> dict[str, np.ndarray]:
+        """Columns of ``per_case.csv``, one value per collected item; empty: the task has no per-image scores."""
+        return {}
+
+    def write_per_case(self) -> Path | None:
+        if self.per_case_filename is None:
+            return None
+        path = self.output_dir / self.per_case_filename
+        columns = self.per_case()
+        if not columns:
+            path.unlink(missing_ok=True)  # never leave an earlier run's scores next to this report
+            return None
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", *columns])
+            for i, row in enumerate(zip(*(np.asarray(c) for c in columns.values()), strict=True)):
+                writer.writerow([i, *(repr(v.item()) for v in row)])  # repr: floats round-trip exactly
+        return path
+
     def write(self, engine: Engine) -> dict[str, Any]:
         if not self.preds:
             raise RuntimeError(f"{type(self).__name__}: the evaluator produced no predictions (empty {self.split} "
@@ -110,6 +143,7 @@ class EvaluationReport:
                    "bootstrap": {"method": "percentile", "resamples": self.n_resamples, "seed": self.seed},
                    **report, "figures": figures}
         path = write_report(self.output_dir / self.filename, payload)  # NaN (undefined metric) as null
+        self.write_per_case()
         self.report = payload
         engine.state.metrics.update(self.scalars(report))
         logger.info(f"{self.task} report on {report.get('n')} {self.split} images written to {path}")
@@ -154,6 +188,9 @@ class ClassificationReport(EvaluationReport):
         report["class_names"] = self.class_names
         return report
 
+    def per_case(self) -> dict[str, np.ndarray]:
+        return {"label": np.stack(self.labels), "score": to_positive_prob(np.stack(self.preds))}
+
     def figures(self, report: Mapping[str, Any], folder: Path) -> list[Path]:
         from muscle_ext.metrics.plots import plot_confusion_matrix, plot_roc_curve
 
@@ -189,6 +226,9 @@ class RegressionReport(EvaluationReport):
                                    self.seed, self.alpha)
         report["unit"] = self.unit
         return report
+
+    def per_case(self) -> dict[str, np.ndarray]:
+        return {"label": np.concatenate(self.labels), "pred": np.concatenate(self.preds)}
 
     def figures(self, report: Mapping[str, Any], folder: Path) -> list[Path]:
         from muscle_ext.metrics.plots import plot_regression_scatter
@@ -239,6 +279,10 @@ class SegmentationReport(EvaluationReport):
                                      n_resamples=self.n_resamples, seed=self.seed, alpha=self.alpha)
         report["num_classes"] = self.num_classes
         return report
+
+    def per_case(self) -> dict[str, np.ndarray]:
+        # the per-image scores that the report's `dice` and `miou` average (foreground classes, NaN: empty mask)
+        return per_image_means(segmentation_scores(np.stack(self.preds), np.stack(self.labels), self.num_classes))
 
     def figures(self, report: Mapping[str, Any], folder: Path) -> list[Path]:
         from muscle_ext.metrics.plots import plot_segmentation_overlay

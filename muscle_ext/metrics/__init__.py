@@ -24,7 +24,7 @@ from muscle_ext.metrics.classification import (
     to_positive_prob,
 )
 from muscle_ext.metrics.detection import COCO_IOU_RANGE, detection_report
-from muscle_ext.metrics.segmentation import pooled_scores, segmentation_report, segmentation_scores
+from muscle_ext.metrics.segmentation import per_image_means, pooled_scores, segmentation_report, segmentation_scores
 
 from .embedding import (
     collapse_score,
@@ -54,6 +54,7 @@ __all__ = [
     "rmse",
     "roc_auc",
     "roc_curve",
+    "per_image_means",
     "segmentation_report",
     "segmentation_scores",
     "sensitivity",

@@ -11,6 +11,8 @@ Inputs are integer label maps ``(B, H, W)`` or ``(B, 1, H, W)`` (e.g. ``argmax``
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 from monai.metrics import compute_dice, compute_iou
@@ -19,7 +21,7 @@ from numpy.typing import ArrayLike
 
 from muscle_ext.metrics.bootstrap import bootstrap_ci, bootstrap_mean_ci, ci_dict
 
-__all__ = ["pooled_scores", "segmentation_report", "segmentation_scores"]
+__all__ = ["per_image_means", "pooled_scores", "segmentation_report", "segmentation_scores"]
 
 
 def _one_hot(labels: ArrayLike | torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -52,6 +54,12 @@ def segmentation_scores(y_pred: ArrayLike | torch.Tensor, y: ArrayLike | torch.T
             "pred_area": pred.sum(dims).numpy(), "true_area": true.sum(dims).numpy()}
 
 
+def per_image_means(scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-image ``dice`` and ``iou`` ``(B,)``: means over the classes of :func:`segmentation_scores`'s output that
+    the image's ground truth holds (NaN where it holds none)."""
+    return {"dice": _nanmean_rows(scores["dice"]), "iou": _nanmean_rows(scores["iou"])}
+
+
 def pooled_scores(intersection: np.ndarray, union: np.ndarray, pred_area: np.ndarray,
                   true_area: np.ndarray) -> dict[str, float]:
     """PaddleSeg-style scores from per-image counts ``(B, C)``: sum over images, per-class IoU/Dice, mean over
@@ -77,8 +85,7 @@ def segmentation_report(y_pred: ArrayLike | torch.Tensor, y: ArrayLike | torch.T
     - ``n``: number of images.
     """
     s = segmentation_scores(y_pred, y, num_classes, include_background, ignore_empty)
-    per_image_dice = _nanmean_rows(s["dice"])
-    per_image_iou = _nanmean_rows(s["iou"])
+    per_image = per_image_means(s)
     first_class = 0 if include_background else 1
     counts = np.stack([s["intersection"], s["union"], s["pred_area"], s["true_area"]], axis=1)  # (B, 4, C)
 
@@ -87,8 +94,8 @@ def segmentation_report(y_pred: ArrayLike | torch.Tensor, y: ArrayLike | torch.T
 
     index = np.arange(len(counts))
     report = {
-        "dice": ci_dict(bootstrap_mean_ci(per_image_dice, n_resamples, alpha, seed)),
-        "miou": ci_dict(bootstrap_mean_ci(per_image_iou, n_resamples, alpha, seed)),
+        "dice": ci_dict(bootstrap_mean_ci(per_image["dice"], n_resamples, alpha, seed)),
+        "miou": ci_dict(bootstrap_mean_ci(per_image["iou"], n_resamples, alpha, seed)),
         "dice_per_class": {first_class + k: ci_dict(bootstrap_mean_ci(s["dice"][:, k], n_resamples, alpha, seed))
                            for k in range(s["dice"].shape[1])},
         "dice_pooled": ci_dict(bootstrap_ci(pooled("mdice"), index, counts, n_resamples, alpha, seed, False)),
