@@ -87,7 +87,15 @@ def paired_vs_scratch(arm: dict, scratch: dict, resamples: int, seed: int) -> di
     a, b = _per_case(arm["per_case"]), _per_case(scratch["per_case"])
     if a is None or b is None:
         return None
-    if "label" in a and not np.array_equal(a["label"], b["label"]):
+    # both arms evaluated the same split with the same settings: same images in the same order, so the same labels
+    # (or, for segmentation, the same images without lung, whose Dice is NaN in both)
+    rows = {len(column) for column in (*a.values(), *b.values())} | {arm["metrics"]["n"], scratch["metrics"]["n"]}
+    same = len(rows) == 1 and set(a) == set(b)
+    if same and "label" in a:
+        same = np.array_equal(a["label"], b["label"])
+    if same and "dice" in a:
+        same = np.array_equal(np.isnan(a["dice"]), np.isnan(b["dice"]))
+    if not same:
         raise ValueError(f"{arm['per_case']} and {scratch['per_case']} scored different cases")
     if "score" in a:
         return {"roc_auc": ci_dict(paired_difference_ci(roc_auc, a["label"], a["score"], b["score"], resamples,
@@ -132,8 +140,9 @@ def markdown(result: dict) -> str:
         for arm, diff in paired.items():
             (metric, entry), = diff.items()
             better = "lower" if metric == "mae" else "higher"
-            lines += ["", f"Paired difference {arm} - scratch, {metric} ({better} is better for {arm}), same "
-                      f"{n} test images in every resample: **{_fmt(entry)}**."]
+            lines += ["", f"Paired difference {arm} - scratch, {metric} ({better} is better for {arm}; each "
+                      f"bootstrap resample draws {n} test images with replacement, the same draw for both arms): "
+                      f"**{_fmt(entry)}**."]
         lines += ["", "Commands:", ""]
         for arm, r in by_arm.items():
             lines += [f"- {arm}, train: `{r['train']['command']}`", f"- {arm}, evaluate: `{r['evaluate']['command']}`"]

@@ -11,6 +11,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from muscle_ext.metrics import json_safe
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -46,7 +48,7 @@ def write_result(name: str, payload: dict) -> Path:
                "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
                "machine": machine(), **payload}
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    path.write_text(json.dumps(json_safe(payload), indent=2, default=str) + "\n")  # NaN (undefined) as null
     print(json.dumps(payload, indent=2, default=str))
     return path
 

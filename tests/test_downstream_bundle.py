@@ -134,10 +134,13 @@ def test_finetune_and_evaluate_on_the_real_test_split(task, trained, xray_root):
         assert set(column) == {"label", "score"}
         assert roc_auc(column["label"], column["score"]) == pytest.approx(metrics["roc_auc"]["value"])
     elif "pred" in column:
+        assert set(column) == {"label", "pred"}
         assert np.mean(np.abs(column["pred"] - column["label"])) == pytest.approx(metrics["mae"]["value"], rel=1e-5)
     else:
         assert set(column) == {"dice", "iou"}
         assert np.nanmean(column["dice"]) == pytest.approx(metrics["dice"]["value"])
+        assert np.nanmean(column["iou"]) == pytest.approx(metrics["miou"]["value"])
+    assert metrics["per_case"] == "per_case.csv"
     if task == "pneumonia":  # the report and figures were uploaded to the evaluation run
         assert list((root / "out" / "mlruns").glob("*/artifacts/metrics.json"))
         assert list((root / "out" / "mlruns").glob("*/artifacts/figures/roc_curve.png"))

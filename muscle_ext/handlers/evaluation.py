@@ -7,9 +7,10 @@ post-processing. When the evaluation epoch ends it writes ``<output_dir>/metrics
 into ``engine.state.metrics`` so that ``StatsHandler`` prints them and ``TrackingHandler`` logs them; list the JSON
 and the figure folder in ``TrackingHandler(artifacts=...)`` to upload them.
 
-Per image, a report writes only ``<output_dir>/per_case.csv`` (one row per evaluated item, in the loader's order:
-``index`` plus the task's scores, e.g. label and positive-class probability) for paired comparisons of two models
-on the same split, and the overlay figures. No file names: reports stay free of patient identifiers.
+Per image, a report writes only ``<output_dir>/per_case.csv`` (one row per evaluated item in the loader's order,
+``index`` = row number among the evaluated items, then the task's scores, e.g. label and positive-class
+probability; ``metrics.json`` names it) for paired comparisons of two models on the same split, and the overlay
+figures. No file names: reports stay free of patient identifiers.
 """
 
 from __future__ import annotations
@@ -139,11 +140,11 @@ class EvaluationReport:
         folder = self.output_dir / self.figure_dir
         folder.mkdir(parents=True, exist_ok=True)
         figures = [p.relative_to(self.output_dir).as_posix() for p in self.figures(report, folder)]
+        per_case = self.write_per_case()
         payload = {"task": self.task, "split": self.split, "confidence_level": 1 - self.alpha,
                    "bootstrap": {"method": "percentile", "resamples": self.n_resamples, "seed": self.seed},
-                   **report, "figures": figures}
+                   **report, "figures": figures, "per_case": per_case.name if per_case else None}
         path = write_report(self.output_dir / self.filename, payload)  # NaN (undefined metric) as null
-        self.write_per_case()
         self.report = payload
         engine.state.metrics.update(self.scalars(report))
         logger.info(f"{self.task} report on {report.get('n')} {self.split} images written to {path}")

@@ -33,7 +33,7 @@ from .embedding import (
     knn_scores,
     linear_probe_scores,
 )
-from .report import write_report
+from .report import json_safe, write_report
 
 __all__ = [
     "COCO_IOU_RANGE",
@@ -65,5 +65,6 @@ __all__ = [
     "frozen_backbone_report",
     "knn_scores",
     "linear_probe_scores",
+    "json_safe",
     "write_report",
 ]

@@ -8,19 +8,20 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_report"]
+__all__ = ["json_safe", "write_report"]
 
 
-def _clean(value: Any) -> Any:
-    # JSON has no NaN: an undefined metric (e.g. AUC with one class) is written as null.
+def json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats as ``None`` (JSON has no NaN: an undefined metric, e.g. AUC with one class,
+    is written as null) and NumPy scalars as Python numbers, through nested dicts, lists and tuples."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        return _clean(value.item())
+        return json_safe(value.item())
     return value
 
 
@@ -28,5 +29,5 @@ def write_report(path: str | os.PathLike, report: dict) -> Path:
     """Write ``report`` as indented JSON (parent folders created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_clean(report), indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(json_safe(report), indent=2, sort_keys=True) + "\n")
     return path
