@@ -232,3 +232,23 @@ def test_detection_map_perfect_and_shifted():
     # a class with no ground truth is undefined, not a zero that drags the mean down
     report = detection_report(perfect, targets, classes=["active", "latent", "other"])
     assert np.isnan(report["per_class"]["other"]["ap"]) and report["map"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_frozen_probes_separate_separable_features_and_leave_the_global_rng_alone():
+    from muscle_ext.metrics import knn_scores, linear_probe_scores
+
+    gen = torch.Generator().manual_seed(3)
+    centres = torch.randn(2, 16, generator=gen) * 3
+    train_y = torch.arange(80) % 2
+    query_y = torch.arange(40) % 2
+    train_x = centres[train_y] + torch.randn(80, 16, generator=gen)
+    query_x = centres[query_y] + torch.randn(40, 16, generator=gen)
+    state = torch.random.get_rng_state()
+    probe = linear_probe_scores(train_x, train_y, query_x, 2)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the probe's fixed init runs on a forked RNG
+    assert torch.equal(probe, linear_probe_scores(train_x, train_y, query_x, 2))  # deterministic
+    knn = knn_scores(train_x, train_y, query_x, 2, k=5)
+    for scores in (probe, knn):
+        assert scores.shape == (40, 2) and torch.allclose(scores.sum(1), torch.ones(40))
+        assert roc_auc(query_y.numpy(), scores[:, 1].numpy()) > 0.95
+    assert roc_auc(query_y.numpy(), knn_scores(train_x, 1 - train_y, query_x, 2, k=5)[:, 1].numpy()) < 0.05

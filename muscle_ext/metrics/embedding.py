@@ -57,8 +57,9 @@ def linear_probe_scores(train_features: torch.Tensor, train_labels: torch.Tensor
     mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-6)
     x = ((train_features - mean) / std).double()
     y = train_labels.long()
-    torch.manual_seed(0)
-    probe = nn.Linear(x.shape[1], num_classes).double()
+    with torch.random.fork_rng(devices=[]):  # a fixed probe init that leaves the caller's RNG alone
+        torch.manual_seed(0)
+        probe = nn.Linear(x.shape[1], num_classes).double()
     optimizer = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
