@@ -19,7 +19,6 @@ separate intervals overlap.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import shutil
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from muscle_ext.metrics import bootstrap_mean_ci, ci_dict, paired_difference_ci, roc_auc
+from muscle_ext.metrics import bootstrap_mean_ci, ci_dict, paired_difference_ci, read_case_scores, roc_auc
 
 from common import RESULTS, monai_run, write_result
 
@@ -73,20 +72,12 @@ def run_arm(args: argparse.Namespace, task: str, arm: str, init: dict) -> dict:
             "metrics": json.loads((out / "metrics.json").read_text()), "per_case": str(out / "per_case.csv")}
 
 
-def _per_case(path: str) -> dict[str, np.ndarray] | None:
-    if not Path(path).is_file():  # detection has no per-image scores
-        return None
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    return {key: np.array([float(r[key]) for r in rows]) for key in rows[0] if key != "index"}
-
-
 def paired_vs_scratch(arm: dict, scratch: dict, resamples: int, seed: int) -> dict | None:
     """The arm's headline metric minus scratch's, with a paired bootstrap CI over the same test images: AUC
     (higher is better), mean Dice (higher is better) or MAE (lower is better)."""
-    a, b = _per_case(arm["per_case"]), _per_case(scratch["per_case"])
-    if a is None or b is None:
-        return None
+    if not (Path(arm["per_case"]).is_file() and Path(scratch["per_case"]).is_file()):
+        return None  # detection has no per-image scores
+    a, b = read_case_scores(arm["per_case"]), read_case_scores(scratch["per_case"])
     # both arms evaluated the same split with the same settings: same images in the same order, so the same labels
     # (or, for segmentation, the same images without lung, whose Dice is NaN in both)
     rows = {len(column) for column in (*a.values(), *b.values())} | {arm["metrics"]["n"], scratch["metrics"]["n"]}

@@ -10,7 +10,6 @@ training run, and writes benchmarks/results/pretrain.json and pretrain.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from muscle_ext.metrics import bootstrap_ci, ci_dict, paired_difference_ci, roc_auc
+from muscle_ext.metrics import bootstrap_ci, ci_dict, paired_difference_ci, read_case_scores, roc_auc
 from muscle_ext.metrics.embedding import knn_scores
 
 from common import RESULTS, bundle_command, load_labelled_images, monai_run, printable, write_result
@@ -85,12 +84,7 @@ def histogram_knn(args: argparse.Namespace, sections: tuple[str, ...] = ("test",
 def paired_difference(a: dict, b: dict, seed: int) -> dict:
     """AUC(a) - AUC(b) per method, with a paired bootstrap CI over the same test cases (both scored the same
     query split in the same order)."""
-    def read(path: str) -> dict[str, np.ndarray]:
-        with open(path) as f:
-            rows = list(csv.DictReader(f))
-        return {key: np.array([float(r[key]) for r in rows]) for key in rows[0]}
-
-    sa, sb = read(a["scores_csv"]), read(b["scores_csv"])
+    sa, sb = read_case_scores(a["scores_csv"]), read_case_scores(b["scores_csv"])
     if not np.array_equal(sa["label"], sb["label"]):
         raise ValueError("the two evaluations scored different cases")
     return {f"{method}_auc": ci_dict(paired_difference_ci(roc_auc, sa["label"], sa[method], sb[method],

@@ -12,23 +12,17 @@ sampling only, not the spread between seeds: read it next to the per-seed rows.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 
 import numpy as np
 
-from muscle_ext.metrics import bootstrap_ci, ci_dict, roc_auc
+from muscle_ext.metrics import bootstrap_ci, ci_dict, read_case_scores, roc_auc
 
 from common import RESULTS, write_result
 
 RANDOM_INIT = "random init (same architecture)"
 METHODS = ("knn", "linear_probe")
-
-
-def read_scores(path: str) -> dict[str, np.ndarray]:
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    return {key: np.array([float(r[key]) for r in rows]) for key in rows[0]}
+ARMS = ("mdmoco", "random_init")
 
 
 def seed_runs(names: list[str]) -> list[dict]:
@@ -36,12 +30,13 @@ def seed_runs(names: list[str]) -> list[dict]:
     for name in names:
         result = json.loads((RESULTS / f"{name}.json").read_text())
         mdmoco = next(k for k in result["evaluations"] if k.startswith("MD-MoCo"))
+        evaluations = {"mdmoco": result["evaluations"][mdmoco], "random_init": result["evaluations"][RANDOM_INIT]}
         runs.append({"name": name, "seed": _seed_of(result["command"]),
                      "commit": result["commit"], "wall_s": result["training"]["md_moco_fp32"]["wall_s"],
-                     "mdmoco": read_scores(result["evaluations"][mdmoco]["scores_csv"]),
-                     "random_init": read_scores(result["evaluations"][RANDOM_INIT]["scores_csv"]),
+                     **{arm: read_case_scores(e["scores_csv"]) for arm, e in evaluations.items()},
+                     **{f"{m}_auc": [evaluations[arm][f"{m}_auc"]["value"] for arm in ARMS] for m in METHODS},
                      "paired": result["paired_vs_random_init"][mdmoco]})
-    labels = {tuple(r[arm]["label"]) for r in runs for arm in ("mdmoco", "random_init")}
+    labels = {tuple(r[arm]["label"]) for r in runs for arm in ARMS}
     if len(labels) != 1:
         raise ValueError("the runs scored different test cases")
     return runs
@@ -55,7 +50,7 @@ def _seed_of(command: str) -> int:
 def mean_difference(runs: list[dict], method: str, resamples: int = 1000) -> dict:
     """Mean over seeds of AUC(MD-MoCo) - AUC(random init), bootstrapped over the test cases."""
     y = runs[0]["mdmoco"]["label"]
-    scores = np.stack([r[arm][method] for r in runs for arm in ("mdmoco", "random_init")], axis=1)
+    scores = np.stack([r[arm][method] for r in runs for arm in ARMS], axis=1)
 
     def metric(labels: np.ndarray, s: np.ndarray) -> float:
         return float(np.mean([roc_auc(labels, s[:, 2 * i]) - roc_auc(labels, s[:, 2 * i + 1])
@@ -92,10 +87,7 @@ def main() -> None:
     parser.add_argument("--result-name", default="pretrain_seeds")
     args = parser.parse_args()
     runs = seed_runs(args.names)
-    seeds = [{"name": r["name"], "seed": r["seed"], "commit": r["commit"], "wall_s": r["wall_s"],
-              "paired": r["paired"],
-              **{f"{m}_auc": [roc_auc(r[arm]["label"], r[arm][m]) for arm in ("mdmoco", "random_init")]
-                 for m in METHODS}} for r in runs]
+    seeds = [{k: v for k, v in r.items() if k not in ARMS} for r in runs]  # the per-case scores stay in their CSVs
     result = {"seeds": seeds, "mean_over_seeds": {f"{m}_auc": mean_difference(runs, m) for m in METHODS}}
     write_result(args.result_name, result)
     saved = json.loads((RESULTS / f"{args.result_name}.json").read_text())

@@ -15,7 +15,6 @@ figures. No file names: reports stay free of patient identifiers.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -35,7 +34,7 @@ from muscle_ext.metrics import (
     segmentation_scores,
     to_positive_prob,
 )
-from muscle_ext.metrics.report import write_report
+from muscle_ext.metrics.report import write_case_scores, write_report
 
 __all__ = ["ClassificationReport", "EvaluationReport", "RegressionReport", "SegmentationReport"]
 
@@ -125,12 +124,7 @@ class EvaluationReport:
         if not columns:
             path.unlink(missing_ok=True)  # never leave an earlier run's scores next to this report
             return None
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["index", *columns])
-            for i, row in enumerate(zip(*(np.asarray(c) for c in columns.values()), strict=True)):
-                writer.writerow([i, *(repr(v.item()) for v in row)])  # repr: floats round-trip exactly
-        return path
+        return write_case_scores(path, columns)
 
     def write(self, engine: Engine) -> dict[str, Any]:
         if not self.preds:

@@ -33,7 +33,7 @@ from .embedding import (
     knn_scores,
     linear_probe_scores,
 )
-from .report import json_safe, write_report
+from .report import json_safe, read_case_scores, write_case_scores, write_report
 
 __all__ = [
     "COCO_IOU_RANGE",
@@ -66,5 +66,7 @@ __all__ = [
     "knn_scores",
     "linear_probe_scores",
     "json_safe",
+    "read_case_scores",
+    "write_case_scores",
     "write_report",
 ]

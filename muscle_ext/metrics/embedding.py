@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -92,6 +91,7 @@ def frozen_backbone_report(backbone: nn.Module, reference_loader: Iterable, quer
     """
     from .bootstrap import bootstrap_ci, ci_dict
     from .classification import roc_auc
+    from .report import write_case_scores
 
     ref_x, ref_y = extract_embeddings(backbone, reference_loader, device)
     query_x, query_y = extract_embeddings(backbone, query_loader, device)
@@ -111,10 +111,5 @@ def frozen_backbone_report(backbone: nn.Module, reference_loader: Iterable, quer
     if scores_path is not None and num_classes != 2:
         Path(scores_path).unlink(missing_ok=True)  # never leave an earlier run's scores next to this report
     elif scores_path is not None:
-        Path(scores_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(scores_path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["index", "label", *scores])
-            for i, label in enumerate(y):
-                writer.writerow([i, int(label), *(repr(float(p[i, 1])) for p in scores.values())])
+        write_case_scores(scores_path, {"label": y, **{name: p[:, 1].numpy() for name, p in scores.items()}})
     return report
