@@ -21,7 +21,15 @@ import torch
 from muscle_ext.metrics import bootstrap_ci, ci_dict, paired_difference_ci, read_case_scores, roc_auc
 from muscle_ext.metrics.embedding import knn_scores
 
-from common import RESULTS, bundle_command, load_labelled_images, monai_run, printable, write_result
+from common import (
+    RESULTS,
+    bundle_command,
+    case_scores,
+    load_labelled_images,
+    monai_run,
+    printable,
+    write_result,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "muscle_pretrain"
@@ -57,8 +65,10 @@ def evaluate(args: argparse.Namespace, name: str, init: str, backbone: Path | No
     if backbone is not None:
         overrides["backbone_path"] = backbone
     run = monai_run(BUNDLE, ["evaluate.yaml"], overrides, out.with_suffix(".log"))
-    return {"command": run["command"], "scores_csv": str(out / "query_scores.csv"),
-            **json.loads((out / "metrics.json").read_text())}
+    # the per-case scores go into the result (160 rows, no file names) so that paired comparisons across results,
+    # e.g. benchmarks/seed_summary.py, need nothing outside benchmarks/results/
+    case_scores = {k: v.tolist() for k, v in read_case_scores(out / "query_scores.csv").items()}
+    return {"command": run["command"], "case_scores": case_scores, **json.loads((out / "metrics.json").read_text())}
 
 
 def histogram_knn(args: argparse.Namespace, sections: tuple[str, ...] = ("test", "validation"),
@@ -84,7 +94,7 @@ def histogram_knn(args: argparse.Namespace, sections: tuple[str, ...] = ("test",
 def paired_difference(a: dict, b: dict, seed: int) -> dict:
     """AUC(a) - AUC(b) per method, with a paired bootstrap CI over the same test cases (both scored the same
     query split in the same order)."""
-    sa, sb = read_case_scores(a["scores_csv"]), read_case_scores(b["scores_csv"])
+    sa, sb = case_scores(a), case_scores(b)
     if not np.array_equal(sa["label"], sb["label"]):
         raise ValueError("the two evaluations scored different cases")
     return {f"{method}_auc": ci_dict(paired_difference_ci(roc_auc, sa["label"], sa[method], sb[method],
@@ -171,7 +181,8 @@ def main() -> None:
             args, name, "checkpoint", args.work / name / "models" / "backbone.pt")
     baseline = evaluations["random init (same architecture)"]
     paired = {name: paired_difference(m, baseline, args.seed) for name, m in evaluations.items() if m is not baseline}
-    result = {"settings": {"image_size": args.size, "batch_size": args.batch, "learning_rate": args.lr,
+    result = {"settings": {"seed": args.seed, "image_size": args.size, "batch_size": args.batch,
+                           "learning_rate": args.lr,
                            "bn_splits": args.bn_splits or "train.yaml default (batch // 32, at least 2)",
                            "view_augmentation": args.view_augmentation or "train.yaml default",
                            "other_overrides": dict(args.set),

@@ -11,7 +11,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from muscle_ext.metrics import json_safe
+import numpy as np
+
+from muscle_ext.metrics import json_safe, read_case_scores
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -115,3 +117,11 @@ def load_labelled_images(datalist: Path, split: str, size: int):
     items = load_datalist(datalist, split)
     return (torch.stack([torch.as_tensor(preprocess(item)["image"]) for item in items]),
             torch.tensor([int(item["label"]) for item in items]))
+
+
+def case_scores(evaluation: dict) -> dict[str, np.ndarray]:
+    """An evaluation's per-case labels and scores: stored in the result, or (results written before they were) in
+    the CSV file it names, which lived in the benchmark's work folder."""
+    if "case_scores" in evaluation:
+        return {k: np.asarray(v) for k, v in evaluation["case_scores"].items()}
+    return read_case_scores(evaluation["scores_csv"])

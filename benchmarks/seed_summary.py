@@ -16,9 +16,9 @@ import json
 
 import numpy as np
 
-from muscle_ext.metrics import bootstrap_ci, ci_dict, read_case_scores, roc_auc
+from muscle_ext.metrics import bootstrap_ci, ci_dict, roc_auc
 
-from common import RESULTS, write_result
+from common import RESULTS, case_scores, write_result
 
 RANDOM_INIT = "random init (same architecture)"
 METHODS = ("knn", "linear_probe")
@@ -31,9 +31,9 @@ def seed_runs(names: list[str]) -> list[dict]:
         result = json.loads((RESULTS / f"{name}.json").read_text())
         mdmoco = next(k for k in result["evaluations"] if k.startswith("MD-MoCo"))
         evaluations = {"mdmoco": result["evaluations"][mdmoco], "random_init": result["evaluations"][RANDOM_INIT]}
-        runs.append({"name": name, "seed": _seed_of(result["command"]),
+        runs.append({"name": name, "seed": _seed_of(result),
                      "commit": result["commit"], "wall_s": result["training"]["md_moco_fp32"]["wall_s"],
-                     **{arm: read_case_scores(e["scores_csv"]) for arm, e in evaluations.items()},
+                     **{arm: case_scores(e) for arm, e in evaluations.items()},
                      **{f"{m}_auc": [evaluations[arm][f"{m}_auc"]["value"] for arm in ARMS] for m in METHODS},
                      "paired": result["paired_vs_random_init"][mdmoco]})
     labels = {tuple(r[arm]["label"]) for r in runs for arm in ARMS}
@@ -42,8 +42,10 @@ def seed_runs(names: list[str]) -> list[dict]:
     return runs
 
 
-def _seed_of(command: str) -> int:
-    words = command.split()
+def _seed_of(result: dict) -> int:
+    if "seed" in result["settings"]:
+        return int(result["settings"]["seed"])
+    words = result["command"].split()  # results written before bench_pretrain recorded its seed
     return int(words[words.index("--seed") + 1]) if "--seed" in words else 0
 
 

@@ -13,7 +13,7 @@ import torch
 from ignite.engine import Engine
 
 from muscle_ext.handlers import RegressionReport, SegmentationReport
-from muscle_ext.metrics import roc_auc
+from muscle_ext.metrics import roc_auc, write_case_scores
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -104,3 +104,21 @@ def test_segmentation_and_regression_reports_write_the_scores_they_average(tmp_p
     rows = list(csv.DictReader((tmp_path / "reg" / "per_case.csv").open()))
     assert rows == [{"index": "0", "label": "120.0", "pred": "130.0"}, {"index": "1", "label": "96.0", "pred": "90.0"}]
     assert report.report["mae"]["value"] == pytest.approx(8.0)
+
+
+def test_pretrain_pairing_reads_scores_stored_in_the_result_or_in_its_csv(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_pretrain
+
+    labels = np.array([0, 1, 0, 1, 1, 0])
+    mdmoco = {"label": labels, "knn": np.array([0.1, 0.9, 0.2, 0.8, 0.7, 0.3]),
+              "linear_probe": np.array([0.6, 0.4, 0.2, 0.8, 0.7, 0.3])}
+    random_init = {"label": labels, "knn": np.array([0.9, 0.1, 0.2, 0.8, 0.7, 0.3]),
+                   "linear_probe": np.array([0.6, 0.4, 0.2, 0.8, 0.7, 0.3])}
+    stored = {"case_scores": {k: v.tolist() for k, v in mdmoco.items()}}
+    older = {"scores_csv": str(write_case_scores(tmp_path / "query_scores.csv", random_init))}
+    paired = bench_pretrain.paired_difference(stored, older, seed=0)
+    assert paired["knn_auc"]["value"] == pytest.approx(roc_auc(labels, mdmoco["knn"]) - roc_auc(labels,
+                                                                                                random_init["knn"]))
+    assert paired["knn_auc"]["value"] > 0 and paired["linear_probe_auc"]["value"] == 0
+    sys.modules.pop("bench_pretrain", None)

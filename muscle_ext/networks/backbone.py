@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,13 @@ def save_backbone(path: str | os.PathLike, backbone: nn.Module, arch: str, backb
     payload = {"format": BACKBONE_FORMAT, "arch": arch, "backbone_kwargs": dict(backbone_kwargs or {}),
                "state_dict": state, "source": dict(source or {})}
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
+    try:
+        torch.save(payload, tmp)
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as "iostream error" / "unexpected pos"
+        tmp.unlink(missing_ok=True)
+        free_mb = shutil.disk_usage(path.parent).free / 2**20
+        raise OSError(f"{path}: could not write the backbone checkpoint ({free_mb:.0f} MB free on that disk): {exc}") \
+            from exc
     os.replace(tmp, path)  # never leave a half-written checkpoint behind
     return file_sha256(path)
 
