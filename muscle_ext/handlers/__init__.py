@@ -1,10 +1,13 @@
 """Ignite handlers with ``attach(engine)``: MLflow experiment tracking (privacy-filtered, outage-proof), lineage,
-backbone export, the kNN health monitor, exact resume, test-set reports and inference outputs."""
+backbone export, the kNN health monitor, exact resume, test-set reports, inference outputs, and for continual
+learning cross-task memorization and the per-round metric history."""
 
 from muscle_ext.handlers.backbone_export import BackboneExporter
 from muscle_ext.handlers.checkpointing import KeyMetricState, ResumeDataPosition, RNGStates, latest_checkpoint
 from muscle_ext.handlers.evaluation import ClassificationReport, EvaluationReport, RegressionReport, SegmentationReport
 from muscle_ext.handlers.knn_monitor import KNNMonitor
+from muscle_ext.handlers.memorization import CrossTaskMemorization
+from muscle_ext.handlers.metric_history import MetricHistory
 from muscle_ext.handlers.predictions import MaskColumns, PredictionSaver, ProbabilityColumns, ValueColumns
 from muscle_ext.handlers.privacy import (
     InputSummaryRedactor,
@@ -35,10 +38,12 @@ install_input_summary_redaction()
 __all__ = [
     "BackboneExporter",
     "ClassificationReport",
+    "CrossTaskMemorization",
     "EvaluationReport",
     "KNNMonitor",
     "KeyMetricState",
     "MaskColumns",
+    "MetricHistory",
     "PredictionSaver",
     "ProbabilityColumns",
     "RegressionReport",

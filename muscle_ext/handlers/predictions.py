@@ -19,6 +19,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from muscle_ext.data.writers import case_id, dicom_patient_fields, source_path, write_csv
+from muscle_ext.flags import as_flag
 
 __all__ = ["MaskColumns", "PredictionSaver", "ProbabilityColumns", "ValueColumns"]
 
@@ -104,7 +105,7 @@ class PredictionSaver:
                  include_patient_fields: bool = False, image_key: str = "image", case_key: str = "case_id") -> None:
         self.path = Path(path)
         self.columns = columns
-        self.include_patient_fields = bool(include_patient_fields)
+        self.include_patient_fields = as_flag(include_patient_fields, "include_patient_fields")
         self.image_key = image_key
         self.case_key = case_key
         self.rows: list[dict[str, Any]] = []

@@ -53,6 +53,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 from monai.utils import ensure_tuple, path_to_sqlite_uri, path_to_uri
 
+from muscle_ext.flags import as_flag
 from muscle_ext.handlers.privacy import PrivacyFilter, datalist_fingerprint, flatten_config, sanitize_key
 from muscle_ext.handlers.resilient_client import ResilientMlflowWriter, set_short_http_retries
 
@@ -757,7 +758,7 @@ def track_report(report: Mapping[str, Any], output_dir: str | os.PathLike | None
     :class:`TrackingHandler` as the engines: the scalars of ``report`` become metrics, ``artifacts`` are uploaded,
     the config, versions, datalist hashes and lineage of ``parent_checkpoint`` are logged under the same privacy
     rule, and an unreachable store only warns. Returns the run id (``None`` when disabled or not logged)."""
-    if not enabled:
+    if not as_flag(enabled, "track"):
         return None
     engine = Engine(lambda engine, batch: None)
     handler = TrackingHandler(output_dir=output_dir, tracking_uri=tracking_uri, experiment_name=experiment_name,

@@ -1,0 +1,136 @@
+"""Multi-task continual learning engine: the cyclic reshuffled schedule, task dispatch, exact resume and the cross-task
+memorization pull (synthetic tensors: these check the mechanics; the bundle test trains on real X-rays)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ignite.engine import Events
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from muscle_ext.engines import MultiTaskTrainer, SupervisedTask, TaskEvents, TaskSchedule
+from muscle_ext.handlers import CrossTaskMemorization
+
+
+def test_schedule_reshuffles_each_round_and_keeps_every_task_once():
+    schedule = TaskSchedule(["pneumonia", "knee", "lung", "tb"], steps=3, seed=7)
+    orders = [schedule.order(r) for r in range(8)]
+    assert all(sorted(o) == sorted(schedule.tasks) for o in orders)
+    assert len({tuple(o) for o in orders}) > 1
+    assert orders == [TaskSchedule(["pneumonia", "knee", "lung", "tb"], steps=3, seed=7).order(r) for r in range(8)]
+    assert orders != [TaskSchedule(["pneumonia", "knee", "lung", "tb"], steps=3, seed=8).order(r) for r in range(8)]
+    fixed = TaskSchedule(["pneumonia", "knee"], steps=1, reshuffle=False)
+    assert [fixed.order(r) for r in range(3)] == [["pneumonia", "knee"]] * 3
+
+
+def test_schedule_maps_iterations_to_visits():
+    schedule = TaskSchedule(["a", "b"], steps={"a": 2, "b": 1}, reshuffle=False)
+    assert schedule.steps_per_round == 3
+    assert [schedule.task_at(i) for i in range(6)] == [("a", True), ("a", False), ("b", True)] * 2
+    with pytest.raises(ValueError, match="distinct"):
+        TaskSchedule(["a", "a"], steps=1)
+    with pytest.raises(ValueError, match="steps name tasks"):
+        TaskSchedule(["a", "b"], steps={"a": 1})
+    with pytest.raises(ValueError, match="at least one step"):
+        TaskSchedule(["a"], steps=0)
+
+
+def _tasks(seed: int = 0) -> tuple[nn.Module, nn.ModuleDict, dict[str, SupervisedTask]]:
+    g = torch.Generator().manual_seed(0)  # the same data whatever the weights' seed
+    data = {"a": TensorDataset(torch.randn(12, 4, generator=g), torch.randint(0, 2, (12,), generator=g)),
+            "b": TensorDataset(torch.randn(10, 4, generator=g), torch.randint(0, 3, (10,), generator=g))}
+    torch.manual_seed(seed)
+    backbone = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    networks = nn.ModuleDict({"a": nn.Sequential(backbone, nn.Linear(8, 2)),
+                              "b": nn.Sequential(backbone, nn.Linear(8, 3))})
+    tasks = {name: SupervisedTask(networks[name], nn.CrossEntropyLoss(),
+                                  DataLoader(data[name], batch_size=4, shuffle=True, generator=torch.Generator()),
+                                  prepare_batch=lambda batch, device, non_blocking, **kw: (batch[0], batch[1]))
+             for name in networks}
+    return backbone, networks, tasks
+
+
+def _trainer(networks: nn.ModuleDict, tasks: dict, rounds: int, handlers: list | None = None,
+             steps: dict | None = None) -> MultiTaskTrainer:
+    schedule = TaskSchedule(["a", "b"], steps=steps or {"a": 2, "b": 3}, seed=3)
+    optimizer = torch.optim.SGD(networks.parameters(), lr=0.1)
+    return MultiTaskTrainer("cpu", rounds, tasks, schedule, networks, optimizer, train_handlers=handlers, seed=5)
+
+
+def test_each_iteration_trains_the_scheduled_task_only():
+    _, networks, tasks = _tasks()
+    trainer = _trainer(networks, tasks, rounds=3)
+    seen, started = [], []
+    trainer.add_event_handler(TaskEvents.TASK_STARTED, lambda e: started.append(e.state.task))
+    heads = {name: net[1] for name, net in networks.items()}
+    before = {}
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def snapshot(engine):
+        before.update({name: head.weight.detach().clone() for name, head in heads.items()})
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def check(engine):
+        task = engine.state.output["task"]
+        seen.append(task)
+        for name, head in heads.items():
+            assert torch.equal(head.weight, before[name]) == (name != task), (engine.state.iteration, name)
+
+    trainer.run()
+    expected = [trainer.schedule.task_at(i)[0] for i in range(15)]
+    assert seen == expected and started == [t for i, t in enumerate(expected) if trainer.schedule.task_at(i)[1]]
+    assert len(started) == 6
+
+
+def test_resumed_run_ends_with_the_same_weights():
+    _, reference_nets, reference_tasks = _tasks()
+    reference = _trainer(reference_nets, reference_tasks, rounds=3)
+    reference.run()
+
+    _, first_nets, first_tasks = _tasks()
+    first = _trainer(first_nets, first_tasks, rounds=3)
+    first.add_event_handler(Events.EPOCH_COMPLETED(once=2), lambda e: e.terminate())
+    first.run()
+    state = {"net": first_nets.state_dict(), "opt": first.optimizer.state_dict(), "trainer": first.state_dict()}
+
+    _, resumed_nets, resumed_tasks = _tasks(seed=99)  # other initial weights: everything must come from the state
+    resumed = _trainer(resumed_nets, resumed_tasks, rounds=3)
+    resumed_nets.load_state_dict(state["net"])
+    resumed.optimizer.load_state_dict(state["opt"])
+    resumed.load_state_dict(state["trainer"])
+    resumed.run()
+    assert resumed.state.iteration == reference.state.iteration == 15
+    for (name, a), b in zip(reference_nets.state_dict().items(), resumed_nets.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_memorization_adds_the_l2_sp_gradient():
+    backbone = nn.Linear(3, 2)
+    memory = CrossTaskMemorization(backbone, weight=0.5)
+    memory.remember()
+    start = [p.detach().clone() for p in backbone.parameters()]
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.add_(1.0)
+            p.grad = torch.full_like(p, 2.0)
+    memory.pull(type("E", (), {"scaler": None})())
+    for p, s in zip(backbone.parameters(), start, strict=True):
+        assert torch.allclose(p.grad, 2.0 + 0.5 * (p.detach() - s))
+
+
+def test_memorization_keeps_the_backbone_nearer_its_start_of_visit():
+    drift = {}
+    for weight in (0.0, 5.0):
+        backbone, networks, tasks = _tasks()
+        memory = CrossTaskMemorization(backbone, weight=weight)
+        trainer = _trainer(networks, tasks, rounds=1, handlers=[memory], steps={"a": 12, "b": 12})
+        starts: list[list[torch.Tensor]] = []
+        trainer.add_event_handler(TaskEvents.TASK_STARTED, lambda e, b=backbone, s=starts: s.append(
+            [p.detach().clone() for p in b.parameters()]))
+        trainer.run()
+        end = list(backbone.parameters())
+        drift[weight] = sum(float((p.detach() - s).norm()) for p, s in zip(end, starts[-1], strict=True))
+    assert drift[5.0] < 0.5 * drift[0.0]
+    with pytest.raises(ValueError, match="weight"):
+        CrossTaskMemorization(nn.Linear(1, 1), weight=-1)

@@ -1,0 +1,80 @@
+"""The muscle_continual bundle run as users run it, on real X-rays of three tasks: from an MD-MoCo-format checkpoint,
+tracked in MLflow, extended by a rerun with more rounds (which resumes from the last round), exported for the
+downstream bundle."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from muscle_ext.networks import build_backbone, load_backbone_checkpoint, save_backbone
+
+from tests.bundle_utils import BUNDLES, run_bundle
+
+TRAIN = ["train.yaml"]
+TASKS = ("pneumonia", "knee", "lung")
+
+
+def tiny(tmp: Path, xray_root: Path, start: Path, **extra) -> dict:
+    """Rounds of 3 task visits x 2 iterations of batch 8 at 64 px, validating on 16 images per task."""
+    return {"dataset_dir": xray_root, "output_dir": tmp / "out", "model_dir": tmp / "models", "init_weights": start,
+            "image_size": 64, "batch_size": 8, "rounds": 2, "steps_per_visit": 2, "max_items": 16, "num_workers": 0,
+            "tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", **extra}
+
+
+@pytest.fixture
+def start(tmp_path) -> Path:
+    path = tmp_path / "md_moco" / "backbone.pt"
+    torch.manual_seed(0)
+    save_backbone(path, build_backbone("resnet18"), "resnet18", {"imagenet_stem": True},
+                  source={"bundle": "muscle_pretrain", "mlflow_run_id": "mdmocorun7", "epoch": 3})
+    return path
+
+
+def _visits(log: str) -> list[tuple[int, str]]:
+    return [(int(r), t) for r, t in re.findall(r"round (\d+): task (\w+) \(", log)]
+
+
+def test_continual_rounds_resume_and_export(tmp_path, xray_root, start):
+    overrides = tiny(tmp_path, xray_root, start)
+    first = run_bundle("muscle_continual", TRAIN, overrides)
+    visits = _visits(first.stdout)
+    assert [r for r, _ in visits] == [1, 1, 1, 2, 2, 2]
+    assert all(sorted(t for r, t in visits if r == n) == sorted(TASKS) for n in (1, 2))
+
+    metrics = json.loads((tmp_path / "out" / "task_metrics.json").read_text())
+    assert sorted(metrics["rounds"]) == ["1", "2"]
+    assert all(set(m) == {"pneumonia_auc", "knee_auc", "lung_dice"} for m in metrics["rounds"].values())
+    assert set(metrics["summary"]) == {"pneumonia_auc", "knee_auc", "lung_dice"}
+
+    # one more round: resumes at the end of round 2 (history kept), continues the schedule with round 3
+    more = run_bundle("muscle_continual", TRAIN, {**overrides, "rounds": 3})
+    assert _visits(more.stdout) == [(3, t) for _, t in _visits(more.stdout)] and len(_visits(more.stdout)) == 3
+    metrics = json.loads((tmp_path / "out" / "task_metrics.json").read_text())
+    assert sorted(metrics["rounds"]) == ["1", "2", "3"]
+
+    payload = load_backbone_checkpoint(tmp_path / "models" / "backbone.pt")
+    assert payload["arch"] == "resnet18" and payload["backbone_kwargs"] == {"imagenet_stem": True}
+    assert payload["source"]["bundle"] == "muscle_continual" and payload["source"]["iteration"] == 18
+    assert payload["source"]["tasks"] == list(TASKS)
+    backbone = build_backbone("resnet18", imagenet_stem=True)
+    backbone.load_state_dict(payload["state_dict"])  # strict: the downstream bundle's init=checkpoint loads it
+
+    import mlflow
+
+    client = mlflow.MlflowClient(overrides["tracking_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("muscle_continual").experiment_id])
+    logged = {key for run in runs for key in run.data.metrics}
+    assert {"pneumonia_loss", "knee_loss", "lung_loss", "pneumonia_auc", "knee_auc", "lung_dice"} <= logged
+    assert str(xray_root) not in json.dumps([run.data.params for run in runs])  # no data paths in MLflow
+
+
+def test_metadata_verifies():
+    from monai.bundle import verify_metadata
+
+    configs = BUNDLES / "muscle_continual" / "configs"
+    verify_metadata(meta_file=str(configs / "metadata.json"), filepath=str(BUNDLES / "metadata_schema.json"))
