@@ -51,7 +51,16 @@ def arms(args: argparse.Namespace) -> dict[str, dict]:
     out = {"scratch": {"init": "scratch"}, "md_moco": {"init": "checkpoint", "init_weights": args.mdmoco}}
     if args.imagenet is not None:
         out["imagenet"] = {"init": "imagenet", "init_weights": args.imagenet}
+    for name, path in args.checkpoint:
+        out[name] = {"init": "checkpoint", "init_weights": path}
     return out
+
+
+def name_and_path(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH of a backbone checkpoint, got {text!r}")
+    return name, Path(path)
 
 
 def run_arm(args: argparse.Namespace, task: str, arm: str, init: dict) -> dict:
@@ -73,8 +82,8 @@ def run_arm(args: argparse.Namespace, task: str, arm: str, init: dict) -> dict:
 
 
 def paired_vs_scratch(arm: dict, scratch: dict, resamples: int, seed: int) -> dict | None:
-    """The arm's headline metric minus scratch's, with a paired bootstrap CI over the same test images: AUC
-    (higher is better), mean Dice (higher is better) or MAE (lower is better)."""
+    """The arm's headline metric minus scratch's (or another reference arm's), with a paired bootstrap CI over the
+    same test images: AUC (higher is better), mean Dice (higher is better) or MAE (lower is better)."""
     if not (Path(arm["per_case"]).is_file() and Path(scratch["per_case"]).is_file()):
         return None  # detection has no per-image scores
     a, b = read_case_scores(arm["per_case"]), read_case_scores(scratch["per_case"])
@@ -134,6 +143,10 @@ def markdown(result: dict) -> str:
             lines += ["", f"Paired difference {arm} - scratch, {metric} ({better} is better for {arm}; each "
                       f"bootstrap resample draws {n} test images with replacement, the same draw for both arms): "
                       f"**{_fmt(entry)}**."]
+        for arm, r in by_arm.items():
+            if r.get("paired_vs_md_moco"):
+                (metric, entry), = r["paired_vs_md_moco"].items()
+                lines += ["", f"Paired difference {arm} - md_moco, {metric}: **{_fmt(entry)}**."]
         lines += ["", "Commands:", ""]
         for arm, r in by_arm.items():
             lines += [f"- {arm}, train: `{r['train']['command']}`", f"- {arm}, evaluate: `{r['evaluate']['command']}`"]
@@ -149,6 +162,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mdmoco", type=Path, required=True, help="MD-MoCo backbone (muscle-backbone/1 file)")
     parser.add_argument("--imagenet", type=Path, default=None, help="optional torchvision ResNet state dict")
+    parser.add_argument("--checkpoint", action="append", default=[], type=name_and_path, metavar="NAME=PATH",
+                        help="another backbone checkpoint as an arm, e.g. muscle=runs/muscle/models/backbone.pt; "
+                             "also compared case by case with md_moco")
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared/data/xray")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_downstream"))
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -168,13 +184,15 @@ def main() -> None:
 
     settings = {"epochs": args.epochs, "image_size": args.size, "batch_size": args.batch, "learning_rate": args.lr,
                 "max_items": args.max_items, "resamples": args.resamples, "seed": args.seed, "arch": "resnet18",
-                "mdmoco": str(args.mdmoco)}
+                "mdmoco": str(args.mdmoco), "checkpoints": {name: str(path) for name, path in args.checkpoint}}
     tasks: dict[str, dict] = {}
     for task in args.tasks:
         tasks[task] = {arm: run_arm(args, task, arm, init) for arm, init in arms(args).items()}
         for arm, r in tasks[task].items():
             if arm != "scratch":
                 r["paired_vs_scratch"] = paired_vs_scratch(r, tasks[task]["scratch"], args.resamples, args.seed)
+            if arm in dict(args.checkpoint):
+                r["paired_vs_md_moco"] = paired_vs_scratch(r, tasks[task]["md_moco"], args.resamples, args.seed)
         # written after each task, so an interrupted benchmark keeps what it measured
         write_result(args.name, {"settings": settings, "tasks": tasks})
         saved = json.loads((RESULTS / f"{args.name}.json").read_text())
