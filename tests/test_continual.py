@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from ignite.engine import Events
+from monai.data import Dataset
+from monai.transforms import RandGaussianNoised
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -38,23 +40,24 @@ def test_schedule_maps_iterations_to_visits():
 
 def _tasks(seed: int = 0) -> tuple[nn.Module, nn.ModuleDict, dict[str, SupervisedTask]]:
     g = torch.Generator().manual_seed(0)  # the same data whatever the weights' seed
-    data = {"a": TensorDataset(torch.randn(12, 4, generator=g), torch.randint(0, 2, (12,), generator=g)),
-            "b": TensorDataset(torch.randn(10, 4, generator=g), torch.randint(0, 3, (10,), generator=g))}
+    noise = RandGaussianNoised("x", prob=1.0, std=0.3)  # random augmentation: resume must reproduce it too
+    data = {name: Dataset([{"x": torch.randn(4, generator=g), "y": int(torch.randint(0, k, (), generator=g))}
+                           for _ in range(n)], transform=noise) for name, n, k in (("a", 12, 2), ("b", 10, 3))}
     torch.manual_seed(seed)
     backbone = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
     networks = nn.ModuleDict({"a": nn.Sequential(backbone, nn.Linear(8, 2)),
                               "b": nn.Sequential(backbone, nn.Linear(8, 3))})
     tasks = {name: SupervisedTask(networks[name], nn.CrossEntropyLoss(),
                                   DataLoader(data[name], batch_size=4, shuffle=True, generator=torch.Generator()),
-                                  prepare_batch=lambda batch, device, non_blocking, **kw: (batch[0], batch[1]))
+                                  prepare_batch=lambda batch, device, non_blocking, **kw: (batch["x"], batch["y"]))
              for name in networks}
     return backbone, networks, tasks
 
 
 def _trainer(networks: nn.ModuleDict, tasks: dict, rounds: int, handlers: list | None = None,
-             steps: dict | None = None) -> MultiTaskTrainer:
+             steps: dict | None = None, optimizer: type = torch.optim.AdamW) -> MultiTaskTrainer:
     schedule = TaskSchedule(["a", "b"], steps=steps or {"a": 2, "b": 3}, seed=3)
-    optimizer = torch.optim.SGD(networks.parameters(), lr=0.1)
+    optimizer = optimizer(networks.parameters(), lr=0.1)  # AdamW: a zero gradient would still move a head
     return MultiTaskTrainer("cpu", rounds, tasks, schedule, networks, optimizer, train_handlers=handlers, seed=5)
 
 
@@ -124,7 +127,8 @@ def test_memorization_keeps_the_backbone_nearer_its_start_of_visit():
     for weight in (0.0, 5.0):
         backbone, networks, tasks = _tasks()
         memory = CrossTaskMemorization(backbone, weight=weight)
-        trainer = _trainer(networks, tasks, rounds=1, handlers=[memory], steps={"a": 12, "b": 12})
+        trainer = _trainer(networks, tasks, rounds=1, handlers=[memory], steps={"a": 12, "b": 12},
+                           optimizer=torch.optim.SGD)
         starts: list[list[torch.Tensor]] = []
         trainer.add_event_handler(TaskEvents.TASK_STARTED, lambda e, b=backbone, s=starts: s.append(
             [p.detach().clone() for p in b.parameters()]))
@@ -134,3 +138,23 @@ def test_memorization_keeps_the_backbone_nearer_its_start_of_visit():
     assert drift[5.0] < 0.5 * drift[0.0]
     with pytest.raises(ValueError, match="weight"):
         CrossTaskMemorization(nn.Linear(1, 1), weight=-1)
+
+
+def test_trainer_refuses_what_it_cannot_run():
+    _, networks, tasks = _tasks()
+    tasks["b"].data_loader = DataLoader(TensorDataset(torch.randn(3, 4), torch.zeros(3).long()), batch_size=4,
+                                        drop_last=True)
+    with pytest.raises(ValueError, match="task b: its data loader yields no batch"):
+        _trainer(networks, tasks, rounds=1)
+    _, networks, tasks = _tasks()
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        MultiTaskTrainer("cpu", 1, tasks, TaskSchedule(["a", "b"], steps=1), networks,
+                         torch.optim.SGD(networks.parameters(), lr=0.1), accumulation_steps=2)
+    finished = _trainer(networks, tasks, rounds=1)
+    finished.run()
+    _, networks, tasks = _tasks()
+    resumed = _trainer(networks, tasks, rounds=2, steps={"a": 1, "b": 1})  # rounds of 2 iterations, not 5
+    resumed.load_state_dict(finished.state_dict())
+    resumed.state.max_epochs = 2  # as MONAI's CheckpointLoader keeps the engine's own max_epochs
+    with pytest.raises(ValueError, match="resume with the same steps per visit"):
+        resumed.run()

@@ -51,7 +51,9 @@ def test_continual_rounds_resume_and_export(tmp_path, xray_root, start):
     assert all(set(m) == {"pneumonia_auc", "knee_auc", "lung_dice"} for m in metrics["rounds"].values())
     assert set(metrics["summary"]) == {"pneumonia_auc", "knee_auc", "lung_dice"}
 
-    # one more round: resumes at the end of round 2 (history kept), continues the schedule with round 3
+    after_two = load_backbone_checkpoint(tmp_path / "models" / "backbone.pt")["state_dict"]
+    # one more round: resumes at the end of round 2 (history kept), continues the schedule with round 3, and trains
+    # (the learning-rate schedule follows the new number of rounds, not the finished run's)
     more = run_bundle("muscle_continual", TRAIN, {**overrides, "rounds": 3})
     assert _visits(more.stdout) == [(3, t) for _, t in _visits(more.stdout)] and len(_visits(more.stdout)) == 3
     metrics = json.loads((tmp_path / "out" / "task_metrics.json").read_text())
@@ -61,6 +63,7 @@ def test_continual_rounds_resume_and_export(tmp_path, xray_root, start):
     assert payload["arch"] == "resnet18" and payload["backbone_kwargs"] == {"imagenet_stem": True}
     assert payload["source"]["bundle"] == "muscle_continual" and payload["source"]["iteration"] == 18
     assert payload["source"]["tasks"] == list(TASKS)
+    assert not torch.equal(payload["state_dict"]["layer4.1.conv2.weight"], after_two["layer4.1.conv2.weight"])
     backbone = build_backbone("resnet18", imagenet_stem=True)
     backbone.load_state_dict(payload["state_dict"])  # strict: the downstream bundle's init=checkpoint loads it
 

@@ -174,8 +174,17 @@ def test_cosine_with_warmup_schedule():
     assert cosine_with_warmup_factor(99, 2, 6, min_lr_ratio=0.1) == pytest.approx(0.1)
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = cosine_with_warmup(opt, 2, 6)
-    state = sched.state_dict()
-    assert state["lr_lambdas"][0]["total_iters"] == 6  # the callable object is saved, unlike a lambda
+    for _ in range(6):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+    # a finished run extended to 12 iterations resumes on the new schedule, not at the old run's final rate
+    extended = cosine_with_warmup(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0), 2, 12)
+    extended.load_state_dict(sched.state_dict())
+    assert extended.get_last_lr()[0] == 0.0  # restored as it was saved...
+    extended.optimizer.step()
+    extended.step()
+    assert extended.get_last_lr()[0] == pytest.approx(cosine_with_warmup_factor(7, 2, 12))  # ...then the new one
     with pytest.raises(ValueError):
         cosine_with_warmup(opt, 7, 6)
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from monai.data.utils import set_rnd
 from monai.engines.utils import IterationEvents, default_prepare_batch
 from monai.utils import IgniteInfo, min_version, optional_import
 from monai.utils.enums import CommonKeys as Keys
@@ -36,6 +37,8 @@ else:
     EventEnum, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "EventEnum")
 
 __all__ = ["MultiTaskTrainer", "SupervisedTask", "TaskEvents", "TaskSchedule", "task_loss"]
+
+logger = logging.getLogger(__name__)
 
 TASK = "task"
 
@@ -127,10 +130,12 @@ def _visit_seed(seed: int, round_index: int, task_index: int) -> int:
 class MultiTaskTrainer(StepTrainer):
     """Train ``tasks`` on their shared backbone by ``schedule``; one engine epoch = one round of the schedule.
 
-    Each visit starts a new pass over its task's data loader; a loader with its own ``generator`` (as the bundles'
-    ``DataLoader(shuffle=True, generator=...)``) is reseeded from ``(seed, round, task)`` first, so that a resumed run
-    draws the same batches in the same visits. ``engine.state.output`` holds ``task``, ``loss`` (the task's weighted
-    loss), ``pred`` and ``label``, so MONAI's handlers work as with ``SupervisedTrainer``.
+    Each visit starts a new pass over its task's data loader, seeded from ``(seed, round, task)``: the loader's own
+    ``generator`` (as the bundles' ``DataLoader(shuffle=True, generator=...)``; worker processes derive their seeds
+    from it) and, without workers, the random transforms of its dataset. A run resumed at a round boundary (the
+    bundles checkpoint every round) therefore draws the same batches in the same visits. ``engine.state.output``
+    holds ``task``, ``loss`` (the task's weighted loss), ``pred`` and ``label``, so MONAI's handlers work as with
+    ``SupervisedTrainer``. The backbone's batch-norm statistics are shared too: they follow the task being trained.
 
     Args:
         device, max_epochs (rounds), optimizer (over every task model's parameters, shared ones once),
@@ -138,7 +143,7 @@ class MultiTaskTrainer(StepTrainer):
         tasks: ``{name: SupervisedTask}``, the names of ``schedule``.
         schedule: the :class:`TaskSchedule`.
         network: a module holding every task model, e.g. ``nn.ModuleDict`` of them (checkpoints, ``train()``).
-        seed: seed of the visits' data order.
+        seed: seed of the visits' data order and augmentation.
     """
 
     def __init__(self, device: str | torch.device, max_epochs: int, tasks: Mapping[str, SupervisedTask],
@@ -147,42 +152,54 @@ class MultiTaskTrainer(StepTrainer):
                  seed: int = 0, non_blocking: bool = False, **kwargs: Any) -> None:
         if set(tasks) != set(schedule.tasks):
             raise ValueError(f"tasks {sorted(tasks)} and schedule tasks {sorted(schedule.tasks)} differ")
+        for name, task in tasks.items():  # a visit of an empty loader would wait for a batch forever
+            if isinstance(task.data_loader, Sized) and len(task.data_loader) == 0:
+                raise ValueError(f"task {name}: its data loader yields no batch (fewer items than one batch with "
+                                 "drop_last?)")
+        if kwargs.get("accumulation_steps", 1) != 1:
+            raise ValueError("MultiTaskTrainer steps the optimiser at every iteration: accumulation_steps must be 1")
         self.tasks = dict(tasks)
         self.schedule = schedule
         self.seed = int(seed)
-        self._batches: Iterator | None = None
+        self._batches: Iterator = iter(())
         self._visit: tuple[int, str] | None = None
         super().__init__(device=device, max_epochs=max_epochs, train_data_loader=range(schedule.steps_per_round),
                          network=network, optimizer=optimizer, loss_function=None, train_handlers=train_handlers,
                          amp=amp, amp_kwargs=amp_kwargs, non_blocking=non_blocking, event_names=[TaskEvents],
                          decollate=False, **kwargs)
-        self.logger = logging.getLogger(__name__)
 
     def _start_visit(self, task_name: str, round_index: int) -> None:
         loader = self.tasks[task_name].data_loader
+        seed = _visit_seed(self.seed, round_index, self.schedule.tasks.index(task_name))
         generator = getattr(loader, "generator", None)
-        if isinstance(generator, torch.Generator):
-            generator.manual_seed(_visit_seed(self.seed, round_index, self.schedule.tasks.index(task_name)))
+        if isinstance(generator, torch.Generator):  # data order; worker processes derive their seeds from it
+            generator.manual_seed(seed)
+        if getattr(loader, "num_workers", 0) == 0 and hasattr(loader, "dataset"):  # augmentation in this process
+            set_rnd(loader.dataset, seed % 2**32)
         self._batches = itertools.chain.from_iterable(itertools.repeat(loader))
         self._visit = (round_index, task_name)
         self.state.task = task_name
-        self.logger.info(f"round {round_index + 1}: task {task_name} ({self.schedule.steps[task_name]} steps)")
+        logger.info(f"round {round_index + 1}: task {task_name} ({self.schedule.steps[task_name]} steps)")
         self.fire_event(TaskEvents.TASK_STARTED)
 
     def _iteration(self, engine: MultiTaskTrainer, batchdata: Any) -> dict:  # type: ignore[override]
         # batchdata is the step index within the round: the schedule, not the loader, decides the task
+        if engine.state.epoch_length != engine.schedule.steps_per_round:  # e.g. resumed with other steps_per_visit
+            raise ValueError(f"the run has rounds of {engine.state.epoch_length} iterations (from its checkpoint), "
+                             f"the schedule {engine.schedule.steps_per_round}: resume with the same steps per visit")
         index = engine.state.iteration - 1
         task_name, first_step = engine.schedule.task_at(index)
         round_index = index // engine.schedule.steps_per_round
         if first_step or engine._visit != (round_index, task_name):  # also after a resume inside a visit
             engine._start_visit(task_name, round_index)
         task = engine.tasks[task_name]
-        assert engine._batches is not None
         inputs, targets, *_ = task.prepare_batch(next(engine._batches), engine.state.device, engine.non_blocking,
                                                  **engine.to_kwargs)
 
         engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        # always None, never zeros: AdamW would otherwise keep moving (momentum, weight decay) the heads of the
+        # tasks that are not being trained
+        engine.optimizer.zero_grad(set_to_none=True)
         engine.state.output = {TASK: task_name}
         with engine.autocast():
             pred = task.network(inputs)

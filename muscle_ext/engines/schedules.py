@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 from torch.optim import Optimizer
@@ -31,14 +32,8 @@ def cosine_with_warmup(
         raise ValueError(f"need 0 <= warmup_iters <= total_iters, total_iters >= 1; got {warmup_iters}, {total_iters}")
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
-    return LambdaLR(optimizer, _Factor(warmup_iters, total_iters, min_lr_ratio))
-
-
-class _Factor:
-    """Picklable lambda (``LambdaLR.state_dict`` skips plain functions but keeps callable objects' ``__dict__``)."""
-
-    def __init__(self, warmup_iters: int, total_iters: int, min_lr_ratio: float) -> None:
-        self.warmup_iters, self.total_iters, self.min_lr_ratio = warmup_iters, total_iters, min_lr_ratio
-
-    def __call__(self, step: int) -> float:
-        return cosine_with_warmup_factor(step, self.warmup_iters, self.total_iters, self.min_lr_ratio)
+    # A partial keeps its arguments out of ``__dict__``, the part of a callable that ``LambdaLR.state_dict`` saves:
+    # a resumed run follows the schedule of its *current* config (a run extended to more epochs keeps training
+    # instead of restoring the old total and sitting at the final learning rate). Picklable, unlike a lambda.
+    return LambdaLR(optimizer, functools.partial(cosine_with_warmup_factor, warmup_iters=warmup_iters,
+                                                 total_iters=total_iters, min_lr_ratio=min_lr_ratio))

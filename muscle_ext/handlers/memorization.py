@@ -22,7 +22,9 @@ class CrossTaskMemorization:
     current task visit (the state the earlier tasks left). Task heads are not pulled.
 
     Attach to a :class:`~muscle_ext.engines.MultiTaskTrainer` (it needs ``TaskEvents.TASK_STARTED``). With a
-    ``GradScaler`` (float16 on CUDA) the pull is scaled like the gradients it joins.
+    ``GradScaler`` (float16 on CUDA) the pull is scaled like the gradients it joins. The pull is a gradient term, so
+    an adaptive optimiser (AdamW) rescales it with the rest of the gradient: ``weight`` is the penalty's strength
+    relative to the task loss, not a fixed step. Batch-norm running statistics are buffers and are not pulled.
 
     Args:
         backbone: the shared backbone, or a zero-argument callable returning it.
