@@ -59,7 +59,7 @@ def _run_settings(task: str, root: Path, xray_root: Path, weights: dict[str, Pat
     if task == "knee":  # ImageNet weights, no tracking
         return tiny(root, xray_root, datalist=xray_root / "knee_oa" / "datalist.json", init="imagenet",
                     init_weights=weights["imagenet"], flip_prob=0.5, class_names="['normal','abnormal']",
-                    use_tracking=False)
+                    use_tracking="false")  # as users type it
     if task == "regression":  # MD-MoCo checkpoint, with lineage
         return tiny(root, xray_root, init="checkpoint", init_weights=weights["checkpoint"])
     return tiny(root, xray_root, init="checkpoint", init_weights=weights["checkpoint"])  # segmentation
