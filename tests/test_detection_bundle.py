@@ -240,6 +240,36 @@ def test_finetune_from_checkpoint_backbone_evaluate_and_infer(tmp_path, xray_roo
         assert row["boxes_file"] == f"{name}_boxes.json"
 
 
+def test_inference_on_a_pacs_export_skips_what_is_not_an_image(tmp_path, xray_root):
+    """A FileSet export (DICOMDIR, suffix-less DICOMs, one without pixels) plus a truncated PNG and a text file: boxes
+    for the three images, the four others in skipped.csv. What is checked is the handling of the inputs, not the
+    boxes, so models/model.pt holds the untrained network of the same configs (no training run needed)."""
+    from monai.bundle import ConfigParser
+
+    from tests.test_downstream_bundle import MARKER, _check_skipped, pacs_export
+
+    inputs = tmp_path / "export"
+    usable, bad = pacs_export(inputs, xray_root)
+    overrides = tiny(tmp_path, _slice_datalist(xray_root, tmp_path), init="scratch", amp=False)
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLES / "downstream" / "configs" / c) for c in TRAIN])
+    parser.update({"image_size": 64, "detector#fpn_channels": 32, "device": "cpu"})
+    (tmp_path / "models").mkdir()
+    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "models" / "model.pt")
+    proc = run_bundle("downstream", [*TRAIN, _no_tracking(tmp_path), "inference_detection.yaml"],
+                      {**overrides, "input_dir": inputs, "inference#boxes_dir": tmp_path / "boxes",
+                       "detector#score_thresh": 0.0, "inference#score_threshold": 0.0})
+    with open(tmp_path / "out" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case_id"] for r in rows] == [case_id(p, inputs) for p in usable]
+    assert sorted(p.name for p in (tmp_path / "boxes").glob("*_boxes.json")) == \
+        sorted(f"{case_id(p, inputs)}_boxes.json" for p in usable)
+    _check_skipped(tmp_path / "out", inputs, bad, proc.stdout)
+    for path in [*(tmp_path / "out").rglob("*"), *(tmp_path / "boxes").rglob("*")]:
+        assert path.is_dir() or MARKER.encode() not in path.read_bytes(), path
+    assert MARKER not in proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("extra", [[], ["evaluate.yaml"], ["inference_detection.yaml"]])
 def test_configs_parse(extra):
     from monai.bundle import ConfigParser

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from muscle_ext.data import case_id, datalist_from_folder, load_datalist, read_xray, subset
+from muscle_ext.data import case_id, datalist_from_folder, is_dicomdir, load_datalist, read_xray, screen_inputs, subset
 from muscle_ext.metrics import roc_auc
 from muscle_ext.networks import build_backbone, file_sha256, load_backbone_checkpoint, save_backbone
 
@@ -291,7 +291,9 @@ def _segmentation_inputs(folder: Path, xray_root: Path) -> dict[str, Path]:
     Image.fromarray(image).save(paths["png"])
     Image.fromarray(image[:, ::-1].copy()).save(paths["flipped"])
     Image.fromarray(crop).save(paths["crop"])
-    affine = np.array([[0.0, -0.7, 0, 12], [0.5, 0.0, 0, -3], [0, 0, 1.0, 0], [0, 0, 0, 1]])
+    # rotated and scaled, with square pixels (0.5 mm) so that its mask must equal the PNG crop's exactly; non-square
+    # pixels are resampled square first (tests/test_reader_variants.py)
+    affine = np.array([[0.0, -0.5, 0, 12], [0.5, 0.0, 0, -3], [0, 0, 1.0, 0], [0, 0, 0, 1]])
     nib.save(nib.Nifti1Image(crop.T.astype(np.float32)[:, :, None], affine), paths["nifti"])  # x first, as ITK
     shutil.copy(xray_root / "dicom" / "derived" / "RG1_half_uncompressed_MONOCHROME1.dcm", paths["dicom"])
     paths["marked"] = Path(_marked_dicoms(folder / "marked", xray_root, count=1)[0]["image"])
@@ -372,6 +374,114 @@ def test_inverted_masks_match_the_input_pixel_for_pixel(xray_root, tmp_path):
     assert np.array_equal(masks["nifti"], masks["crop"])  # NIfTI axis order and affine handled like the PNG
 
 
+# ------------------------------------------------------------------------------------- inference on a PACS export
+# what screen_inputs must say about each unusable file of the export (a fragment of the reason)
+EXPORT_REASONS = {"dicomdir": "DICOMDIR", "no_pixels": "no pixel data", "truncated_png": "truncated",
+                  "text": "unsupported file type"}
+
+
+def pacs_export(folder: Path, xray_root: Path) -> tuple[list[Path], dict[str, Path]]:
+    """A CD/PACS export as pydicom's FileSet writes it: a DICOMDIR beside suffix-less files (PT*/ST*/SE*/IM*): two
+    real pneumonia_nih test images (MONOCHROME1 and 2), a real DICOM of the corpus and a CR object without pixel data,
+    every one with the marker in its patient fields; plus a truncated real PNG (marker in its name) and a stray text
+    file. Returns the usable image files and the unusable ones by kind (keys of ``EXPORT_REASONS``)."""
+    import pydicom
+    from pydicom.fileset import FileSet
+    from pydicom.uid import generate_uid
+
+    staging = folder.parent / f"{folder.name}_staging"
+    sources = [Path(i["image"]) for i in _marked_dicoms(staging, xray_root)]
+    real = staging / "real.dcm"
+    shutil.copy(xray_root / "dicom" / "derived" / "RG3_half_uncompressed_MONOCHROME2.dcm", real)
+    no_pixels = staging / "no_pixels.dcm"
+    _write_dicom(no_pixels, np.zeros((8, 8), np.uint16), with_pixels=False, patient=f"{MARKER}^Jane")
+    fileset = FileSet()
+    study, series = generate_uid(), generate_uid()
+    for k, path in enumerate([*sources, real, no_pixels]):
+        ds = pydicom.dcmread(path)
+        ds.PatientName, ds.PatientID = f"{MARKER}^Jane", MARKER
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.StudyID, ds.SeriesNumber = study, series, "1", 1
+        ds.StudyDate, ds.StudyTime, ds.InstanceNumber = "20240101", "120000", k + 1
+        fileset.add(ds)
+    fileset.write(folder)
+    written = {Path(instance.path) for instance in fileset}
+    by_uid = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in written}
+    bad = {"dicomdir": folder / "DICOMDIR",
+           "no_pixels": by_uid[pydicom.dcmread(no_pixels, stop_before_pixels=True).SOPInstanceUID]}
+    usable = sorted(written - {bad["no_pixels"]})
+    png = load_datalist(xray_root / "pneumonia_nih" / "datalist.json", "test")[0]["image"]
+    bad["truncated_png"] = folder / f"{MARKER}_photo.png"
+    bad["truncated_png"].write_bytes(Path(png).read_bytes()[:3000])
+    bad["text"] = folder / "README.TXT"
+    bad["text"].write_text(f"export of {MARKER}\n")
+    shutil.rmtree(staging)
+    assert len(usable) == 3 and all(p.suffix == "" and p.parent != folder for p in usable)
+    return usable, bad
+
+
+def _check_skipped(out: Path, inputs: Path, bad: dict[str, Path], stdout: str) -> None:
+    """skipped.csv lists exactly the unusable files, by case id and reason only; the log warns about each."""
+    rows = _read_csv(out / "skipped.csv")
+    assert list(rows[0]) == ["case_id", "reason"]
+    reasons = {r["case_id"]: r["reason"] for r in rows}
+    assert reasons.keys() == {case_id(p, inputs) for p in bad.values()} and len(rows) == len(bad)
+    for kind, path in bad.items():
+        assert EXPORT_REASONS[kind] in reasons[case_id(path, inputs)], (kind, reasons)
+        assert f"{case_id(path, inputs)}: {reasons[case_id(path, inputs)]}" in stdout  # the warning
+    assert f"skipping {len(bad)} of {len(bad) + 3} files" in stdout
+
+
+def test_classification_inference_on_a_pacs_export_skips_what_is_not_an_image(trained, xray_root, tmp_path):
+    root, settings = trained("pneumonia")
+    inputs = tmp_path / "export"
+    usable, bad = pacs_export(inputs, xray_root)
+    out = tmp_path / "predictions"
+    proc = run_bundle("downstream", configs("pneumonia", "inference.yaml"),
+                      {**_eval_settings(settings), "input_dir": inputs, "output_dir": out, "use_tracking": "false"})
+    rows = _read_csv(out / "predictions.csv")
+    assert [r["case_id"] for r in rows] == [case_id(p, inputs) for p in usable]  # one row per image, path order
+    assert all(0 <= float(r["probability"]) <= 1 for r in rows)
+    _check_skipped(out, inputs, bad, proc.stdout)
+    _assert_marker_absent(out, proc.stdout, proc.stderr)
+
+
+def test_inference_on_bad_data_raise_stops_naming_the_files(trained, xray_root, tmp_path):
+    import subprocess
+
+    from tests.bundle_utils import bundle_command, bundle_env
+
+    root, settings = trained("pneumonia")
+    inputs = tmp_path / "export"
+    _, bad = pacs_export(inputs, xray_root)
+    out = tmp_path / "predictions"
+    cmd = bundle_command("downstream", configs("pneumonia", "inference.yaml"),
+                         {**_eval_settings(settings), "input_dir": inputs, "output_dir": out, "use_tracking": "false",
+                          "on_bad_data": "raise"})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=bundle_env())
+    assert proc.returncode != 0
+    message = proc.stderr[proc.stderr.index("DatalistError"):]
+    assert f"4 of {len(bad) + 3} datalist entries are unusable" in message and "--on_bad_data skip" in message
+    for kind, path in bad.items():
+        assert f"{path}: " in message and EXPORT_REASONS[kind] in message, kind
+    assert not (out / "predictions.csv").exists() and not (out / "skipped.csv").exists()
+
+
+def test_segmentation_inference_on_a_pacs_export(trained, xray_root, tmp_path):
+    root, settings = trained("segmentation")
+    inputs = tmp_path / "export"
+    usable, bad = pacs_export(inputs, xray_root)
+    out = tmp_path / "lungs"
+    proc = run_bundle("downstream", configs("segmentation", "inference.yaml"),
+                      {**_eval_settings(settings), "input_dir": inputs, "output_dir": out, "use_tracking": "false"})
+    rows = _read_csv(out / "predictions.csv")
+    assert [r["case_id"] for r in rows] == [case_id(p, inputs) for p in usable]
+    assert sorted(p.name for p in (out / "masks").iterdir()) == sorted(r["mask_file"] for r in rows)
+    for row, path in zip(rows, usable, strict=True):
+        assert (int(row["rows"]), int(row["columns"])) == read_xray(path)[0].shape
+    _check_skipped(out, inputs, bad, proc.stdout)
+    _assert_marker_absent(out, proc.stdout, proc.stderr)
+
+
 # ---------------------------------------------------------------------------------------------------------- export
 @pytest.mark.parametrize("task", ["pneumonia", "segmentation"])
 def test_torchscript_export_matches_the_eager_model(task, trained, tmp_path):
@@ -447,3 +557,30 @@ def test_folder_datalist_and_subset(tmp_path, xray_root):
     labels = [i["label"] for i in load_datalist(xray_root / "pneumonia_nih" / "datalist.json")]
     picked = subset([{"label": v} for v in labels], 24)
     assert len(picked) == 24 and 0 < sum(p["label"] for p in picked) < 24  # a prefix would be all pneumonia
+
+
+def test_screen_inputs_keeps_images_and_reports_the_rest_by_case_id(tmp_path, xray_root):
+    inputs = tmp_path / "export"
+    usable, bad = pacs_export(inputs, xray_root)
+    # by default a folder lists images only: no DICOMDIR, no text file (pixel-less and damaged files need decoding)
+    assert [Path(i["image"]) for i in datalist_from_folder(inputs)] == \
+        sorted([*usable, bad["no_pixels"], bad["truncated_png"]])
+    assert is_dicomdir(bad["dicomdir"]) and not is_dicomdir(usable[0]) and not is_dicomdir(bad["text"])
+    shutil.copy(bad["dicomdir"], tmp_path / "INDEX")
+    assert is_dicomdir(tmp_path / "INDEX")  # by its Media Storage SOP Class, whatever its name
+
+    items = datalist_from_folder(inputs, all_files=True)
+    good = screen_inputs(items, root=inputs, report_file=tmp_path / "skipped.csv", include_paths="true")
+    assert [i["image"] for i in good] == [str(p) for p in usable]
+    rows = _read_csv(tmp_path / "skipped.csv")  # paths (relative to the folder) only when asked for
+    assert {r["file"]: r["case_id"] for r in rows} == {p.relative_to(inputs).as_posix(): case_id(p, inputs)
+                                                       for p in bad.values()}
+    # nothing to skip: skipped.csv is still written, header only
+    screen_inputs(good, root=inputs, report_file=tmp_path / "none.csv", on_error="raise")
+    assert (tmp_path / "none.csv").read_text().splitlines() == ["case_id,reason"]
+    # datalist entries (no folder): case ids as PredictionSaver computes them, from the path as given
+    assert screen_inputs([{"image": str(usable[0])}])[0]["case_id"] == case_id(usable[0])
+    with pytest.raises(ValueError, match="none of the 2 files is a usable image"):
+        screen_inputs([{"image": str(bad["text"])}, {"image": str(bad["dicomdir"])}], root=inputs,
+                      report_file=tmp_path / "all_bad.csv")
+    assert len(_read_csv(tmp_path / "all_bad.csv")) == 2

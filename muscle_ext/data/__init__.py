@@ -7,15 +7,17 @@ from .datalist import (
     datalist_from_csv,
     datalist_from_dicom_tree,
     datalist_from_folder,
+    is_dicomdir,
     load_datalist,
+    screen_inputs,
     subset,
     validate_datalist,
     write_datalist,
 )
 from .datasets import make_dataset, pool_datasets, split_by_key
-from .readers import XRayReader, XRayReadError, read_xray, xray_format
+from .readers import LoadXRayd, XRayReader, XRayReadError, read_mask, read_xray, xray_format
 from .sampling import DrawSeededDataset, PooledSampler, dataset_weights
-from .transforms import CLAHE, AddTagsd, CLAHEd, xray_preprocessing
+from .transforms import CLAHE, AddTagsd, CLAHEd, SquarePixelResize, SquarePixelResized, xray_preprocessing
 from .writers import SaveMaskd, case_id, dicom_patient_fields, write_csv, write_mask
 
 __all__ = [
@@ -24,7 +26,10 @@ __all__ = [
     "CLAHEd",
     "DatalistError",
     "DrawSeededDataset",
+    "LoadXRayd",
     "PooledSampler",
+    "SquarePixelResize",
+    "SquarePixelResized",
     "SaveMaskd",
     "ValidationReport",
     "XRayReadError",
@@ -36,10 +41,13 @@ __all__ = [
     "datalist_from_folder",
     "dataset_weights",
     "dicom_patient_fields",
+    "is_dicomdir",
     "load_datalist",
     "make_dataset",
     "pool_datasets",
+    "read_mask",
     "read_xray",
+    "screen_inputs",
     "split_by_key",
     "subset",
     "validate_datalist",

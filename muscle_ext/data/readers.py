@@ -14,24 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from monai.config import KeysCollection
 from monai.data import ImageReader
+from monai.transforms import LoadImaged
 from monai.utils import MetaKeys, SpaceKeys
 
-__all__ = ["XRayReadError", "XRayReader", "read_xray", "xray_format"]
+from .dicom import read_dicom
+from .pixels import COLOUR_TOLERANCE, XRayReadError, apply_exif_orientation, grey_from_colour
+
+__all__ = ["LoadXRayd", "XRayReadError", "XRayReader", "read_mask", "read_xray", "xray_format"]
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
-
-
-class XRayReadError(ValueError):
-    """A file could not be read as an X-ray; the message names the file and the cause."""
-
-    def __init__(self, path: str | os.PathLike, cause: str) -> None:
-        self.path = str(path)
-        self.cause = cause
-        super().__init__(f"{self.path}: {cause}")
 
 
 def _has_dicom_preamble(path: Path) -> bool:
@@ -60,100 +56,74 @@ def xray_format(path: str | os.PathLike) -> str | None:
     return None
 
 
-def _nominal_range(ds: Any) -> tuple[float, float]:
-    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)))
-    if int(ds.get("PixelRepresentation", 0)) == 1:
-        return -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1
-    return 0.0, 2.0**bits - 1
+def _declared_bits(path: Path, img: Any) -> int:
+    """Bits per sample the file says it stores (PNG IHDR, TIFF BitsPerSample); 8 when it does not say."""
+    if img.format == "PNG":
+        with open(path, "rb") as f:
+            header = f.read(26)
+        return int(header[24]) if len(header) == 26 and header[12:16] == b"IHDR" else 8
+    if img.format == "TIFF":
+        bits = img.tag_v2.get(258, (8,))
+        return int(max(bits if isinstance(bits, tuple) else (bits,)))
+    return 8
 
 
-def _dicom_spacing(ds: Any) -> tuple[float, float] | None:
-    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(tag)
-        if value is not None and len(value) == 2 and all(float(v) > 0 for v in value):
-            return float(value[0]), float(value[1])  # DICOM order: row spacing, column spacing
-    return None
+def _read_vector_itk(path: Path) -> np.ndarray:
+    """Every channel of a 16-bit colour/alpha PNG or TIFF at full precision (Pillow cuts them to 8 bits)."""
+    import itk
+
+    reader = itk.ImageFileReader[itk.VectorImage[itk.F, 2]].New(FileName=str(path))
+    reader.Update()
+    return np.asarray(itk.array_from_image(reader.GetOutput()), dtype=np.float32)  # (H, W, C); float32 is exact
 
 
-def _read_dicom(path: Path) -> tuple[np.ndarray, dict]:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+def _pil_channels(path: Path) -> tuple[np.ndarray, dict]:
+    """Decode a PNG/JPEG/TIFF/BMP at its stored precision, turned by its EXIF orientation.
 
-    try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError as e:
-        raise XRayReadError(path, f"not a DICOM file ({e})") from e
-    except Exception as e:  # pydicom raises many types for damaged files
-        raise XRayReadError(path, f"unreadable DICOM ({type(e).__name__}: {e})") from e
-    if "PixelData" not in ds:
-        raise XRayReadError(path, "DICOM has no pixel data (no PixelData element): not an image")
-    try:
-        pixels = ds.pixel_array
-    except (NotImplementedError, RuntimeError, ValueError) as e:
-        syntax = ds.file_meta.get("TransferSyntaxUID")
-        syntax_name = getattr(syntax, "name", str(syntax))
-        raise XRayReadError(
-            path,
-            f"cannot decode transfer syntax '{syntax_name}' ({syntax}): no installed pixel-data handler "
-            f"decodes it; install one (e.g. pylibjpeg-openjpeg, pylibjpeg-libjpeg or gdcm). Cause: {e}",
-        ) from e
-    if pixels.ndim == 3 and int(ds.get("SamplesPerPixel", 1)) == 1:
-        raise XRayReadError(path, f"multi-frame DICOM ({pixels.shape[0]} frames): one radiograph per file expected")
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise XRayReadError(path, f"photometric interpretation {photometric} is not a grayscale radiograph")
-
-    image = apply_modality_lut(pixels, ds).astype(np.float32)
-    lo, hi = (float(v) for v in apply_modality_lut(np.array(_nominal_range(ds)), ds))
-    voi_applied = "VOILUTSequence" in ds or "WindowCenter" in ds
-    if voi_applied:
-        image = apply_voi_lut(image, ds, prefer_lut=True).astype(np.float32)
-        lo, hi = _nominal_range(ds)  # pydicom windows into the stored bit range
-    # MONOCHROME1 means "minimum is white"; an INVERSE presentation LUT flips once more.
-    inverse = (photometric == "MONOCHROME1") != (str(ds.get("PresentationLUTShape", "IDENTITY")) == "INVERSE")
-    if inverse:
-        image = (lo + hi) - image
-    spacing = _dicom_spacing(ds)
-    meta = {
-        "format": "dicom",
-        "photometric_interpretation": photometric,
-        "inverted": inverse,
-        "voi_applied": voi_applied,
-        "bits_stored": int(ds.get("BitsStored", 0)),
-        "modality": str(ds.get("Modality", "")),
-        "body_part_examined": str(ds.get("BodyPartExamined", "")),
-        "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")),
-        "spacing_known": spacing is not None,
-        "spacing": spacing or (1.0, 1.0),
-    }
-    return image, meta
-
-
-def _read_pil(path: Path) -> tuple[np.ndarray, dict]:
+    Returns ``(H, W)`` or ``(H, W, C)`` float32 samples and ``source_mode``, ``bits_stored``, ``max_value``,
+    ``has_alpha``, ``exif_orientation``, ``lossy``.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, not later in a worker
-            mode = img.mode
+            mode, declared = img.mode, _declared_bits(path, img)
+            orientation = int(img.getexif().get(0x0112, 1) or 1)
+            lossy = img.format in ("JPEG", "MPO")
             if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-                image = np.asarray(img).astype(np.float32)
-                bits = 16 if mode.startswith("I;16") else 32
-            else:
-                # ITU-R 601 luma for colour, palette and alpha images (alpha dropped).
-                image = np.asarray(img.convert("L")).astype(np.float32)
-                bits = 8
+                bits = 16 if mode.startswith("I;16") or declared == 16 else 32
+                array = np.asarray(img).astype(np.float32)
+            elif declared > 8:
+                array, bits = _read_vector_itk(path), declared
+            elif mode in ("L", "LA", "RGB", "RGBA"):
+                array, bits = np.asarray(img).astype(np.float32), 8
+            elif mode == "1":
+                array, bits = np.asarray(img.convert("L")).astype(np.float32), 8
+            else:  # palette, CMYK, YCbCr, ...: their colours, then the grey check
+                has_transparency = "transparency" in img.info or mode in ("PA", "RGBa")
+                array, bits = np.asarray(img.convert("RGBA" if has_transparency else "RGB")).astype(np.float32), 8
     except FileNotFoundError:
         raise
     except UnidentifiedImageError as e:
         raise XRayReadError(path, "not a readable image (unknown or damaged format)") from e
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, RuntimeError) as e:
         raise XRayReadError(path, f"damaged image ({e})") from e
-    if image.ndim != 2:
-        raise XRayReadError(path, f"expected a 2-D gray image, got shape {image.shape}")
-    return image, {"format": "pil", "source_mode": mode, "bits_stored": bits, "spacing_known": False,
-                   "spacing": (1.0, 1.0)}
+    channels = 1 if array.ndim == 2 else array.shape[-1]
+    if array.ndim not in (2, 3) or channels > 4:
+        raise XRayReadError(path, f"expected a 2-D image with at most 4 channels, got shape {array.shape}")
+    info = {"source_mode": mode, "bits_stored": bits, "max_value": 2.0**bits - 1, "has_alpha": channels in (2, 4),
+            "exif_orientation": orientation, "lossy": lossy}
+    return apply_exif_orientation(array, orientation), info
+
+
+def _read_pil(path: Path) -> tuple[np.ndarray, dict]:
+    array, info = _pil_channels(path)
+    if array.ndim == 3:
+        array = grey_from_colour(array, info["max_value"], path, has_alpha=info["has_alpha"])
+    meta = {"format": "pil", "source_mode": info["source_mode"], "bits_stored": info["bits_stored"],
+            "exif_orientation": info["exif_orientation"], "spacing_known": False, "spacing": (1.0, 1.0)}
+    return array, meta
 
 
 def _squeeze_2d(path: Path, data: np.ndarray) -> np.ndarray:
@@ -195,11 +165,11 @@ def _read_itk(path: Path) -> tuple[np.ndarray, dict]:
     return image, {"format": "itk", "spacing_known": True, "spacing": (sy, sx)}
 
 
-_READERS = {"dicom": _read_dicom, "pil": _read_pil, "nifti": _read_nifti, "itk": _read_itk}
+_READERS = {"dicom": read_dicom, "pil": _read_pil, "nifti": _read_nifti, "itk": _read_itk}
+MASK_MAX_LEVELS = 64  # more distinct values than this in a lossless file: a grey image, not a label map
 
 
-def read_xray(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
-    """Read one X-ray file into a rows-first float32 array and its (patient-free) meta data."""
+def _checked_path(path: str | os.PathLike) -> tuple[Path, str]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
@@ -208,6 +178,20 @@ def read_xray(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     fmt = xray_format(path)
     if fmt is None:
         raise XRayReadError(path, "unsupported file type (expected DICOM, PNG/JPEG/TIFF, NIfTI, MHA or NRRD)")
+    return path, fmt
+
+
+def read_xray(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """Read one X-ray file as a viewer shows it: ``(H, W)`` float32, rows top to bottom, bright = dense.
+
+    What is applied per format and variant (DICOM LUTs, padding and polarity, EXIF orientation, 16-bit and colour
+    files) is tabulated in ``docs/READER.md``. Meta data never holds DICOM patient fields.
+
+    Raises:
+        FileNotFoundError: no such file.
+        XRayReadError: any file that cannot be read as a radiograph, with the file and the cause.
+    """
+    path, fmt = _checked_path(path)
     image, meta = _READERS[fmt](path)
     if image.size == 0:
         raise XRayReadError(path, "image has no pixels")
@@ -217,13 +201,72 @@ def read_xray(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
     return image, meta
 
 
-class XRayReader(ImageReader):
-    """MONAI ``ImageReader`` for radiographs in DICOM, PNG/JPEG/TIFF, NIfTI and MHA/NRRD.
+def _raw_dicom(path: Path) -> np.ndarray:
+    import pydicom
 
-    Use as ``LoadImaged(keys, reader=XRayReader)``; follow with ``EnsureChannelFirstd`` for ``(1, H, W)``.
-    The affine maps (row, column) indices to millimetres when the file states a pixel spacing.
-    Meta data never holds DICOM patient fields.
+    try:
+        return np.asarray(pydicom.dcmread(path).pixel_array, dtype=np.float32)
+    except Exception as e:
+        raise XRayReadError(path, f"unreadable DICOM mask ({type(e).__name__}: {e})") from e
+
+
+def read_mask(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """Read a binary segmentation mask: ``(H, W)`` float32 of 0 (background) and 1 (foreground).
+
+    One rule for every encoding: **foreground is any pixel whose value is above 0 in any channel** (0/1, 0/255,
+    0/128, one label per structure, colour-coded structures; alpha is ignored), in the orientation the image
+    readers use. Lossy JPEG is the exception that its noise forces: foreground is brighter than half the brightest
+    value, and a JPEG whose brightest value is compression noise (below 6 % of the range) is empty.
+
+    Raises:
+        XRayReadError: a lossless mask with non-integer values (a probability map: threshold it first) or more than
+            ``MASK_MAX_LEVELS`` distinct values (a grey image, not a label map), or a file that cannot be read.
     """
+    path, fmt = _checked_path(path)
+    lossy = False
+    if fmt == "pil":
+        values, info = _pil_channels(path)
+        if values.ndim == 3 and info["has_alpha"]:
+            values = values[..., :-1]
+        lossy = info["lossy"]
+    elif fmt == "dicom":
+        values = _raw_dicom(path)
+    else:
+        values = _READERS[fmt](path)[0]
+    if values.ndim == 3:
+        values = values.max(axis=-1)  # any channel
+    if values.size == 0:
+        raise XRayReadError(path, "mask has no pixels")
+    if lossy:
+        brightest = float(values.max())
+        mask = values > brightest / 2 if brightest > COLOUR_TOLERANCE * 255 else np.zeros_like(values, dtype=bool)
+        rule = "jpeg: > half the brightest value"
+    else:
+        if not np.isfinite(values).all() or not np.array_equal(values, np.round(values)):
+            raise XRayReadError(path, "mask holds non-integer values (a probability map?): threshold it into a "
+                                      "label image (0 = background) first")
+        levels = np.unique(values)
+        if len(levels) > MASK_MAX_LEVELS:
+            raise XRayReadError(path, f"mask has {len(levels)} distinct values: a grey image, not a label map "
+                                      "(0 = background, anything above 0 = foreground)")
+        mask, rule = values > 0, "> 0"
+    meta = {"format": fmt, "mask_rule": rule, "spacing_known": False, "spacing": (1.0, 1.0),
+            "original_shape": tuple(int(s) for s in values.shape)}
+    return mask.astype(np.float32), meta
+
+
+class XRayReader(ImageReader):
+    """MONAI ``ImageReader`` for radiographs (``read_xray``) or their masks (``as_mask=True``: ``read_mask``) in
+    DICOM, PNG/JPEG/TIFF, NIfTI and MHA/NRRD.
+
+    Load with :class:`LoadXRayd` (this reader only; MONAI's ``LoadImaged`` would fall back to its own readers
+    when this one refuses a file); follow with ``EnsureChannelFirstd`` for ``(1, H, W)``. The affine maps (row,
+    column) indices to millimetres when the file states a pixel spacing. Meta data never holds DICOM patient fields.
+    """
+
+    def __init__(self, as_mask: bool = False) -> None:
+        super().__init__()
+        self.as_mask = bool(as_mask)
 
     def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
         names = filename if isinstance(filename, (list, tuple)) else [filename]
@@ -231,7 +274,7 @@ class XRayReader(ImageReader):
 
     def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs: Any) -> list:
         names = data if isinstance(data, (list, tuple)) else [data]
-        return [read_xray(n) for n in names]
+        return [(read_mask if self.as_mask else read_xray)(n) for n in names]
 
     def get_data(self, img: list) -> tuple[np.ndarray, dict]:
         arrays = [a for a, _ in img]
@@ -247,3 +290,20 @@ class XRayReader(ImageReader):
         meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = "no_channel" if len(arrays) == 1 else 0
         meta.pop("nifti_affine", None) if len(arrays) > 1 else None
         return array, meta
+
+
+class LoadXRayd(LoadImaged):
+    """``LoadImaged`` that reads with :class:`XRayReader` only.
+
+    MONAI's loader falls back to its other registered readers when the given one raises, so a file our reader
+    refuses (and says why) would come back from ITK or pydicom with another orientation, no LUTs and the patient's
+    name in its meta data. Here the reader is passed at call time, which MONAI's public ``__call__`` offers and
+    which has no fallback: the :class:`XRayReadError` that names the file and the cause reaches the user.
+    """
+
+    def __init__(self, keys: KeysCollection, as_mask: bool = False, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, reader=XRayReader, image_only=True, allow_missing_keys=allow_missing_keys)
+        self.xray_reader = XRayReader(as_mask=as_mask)
+
+    def __call__(self, data: Any, reader: ImageReader | None = None) -> dict:
+        return super().__call__(data, reader or self.xray_reader)

@@ -12,21 +12,23 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import (
     EnsureChannelFirstd,
     EnsureTyped,
-    LoadImaged,
+    InvertibleTransform,
     MapTransform,
-    Resized,
+    Resize,
     ScaleIntensityRangePercentilesd,
     SpatialPadd,
     Transform,
 )
+from monai.transforms.spatial.functional import resize
 from monai.utils import convert_to_dst_type
 
-from .readers import XRayReader
+from .readers import LoadXRayd
 
-__all__ = ["CLAHE", "CLAHEd", "AddTagsd", "xray_preprocessing"]
+__all__ = ["CLAHE", "CLAHEd", "AddTagsd", "SquarePixelResize", "SquarePixelResized", "xray_preprocessing"]
 
 
 def _clip_histogram(hist: np.ndarray, clip: float) -> np.ndarray:
@@ -101,6 +103,62 @@ class CLAHEd(MapTransform):
         return d
 
 
+class SquarePixelResize(Resize):
+    """Resize a ``(C, H, W)`` image so that its longest side *in millimetres* spans ``spatial_size`` pixels and
+    its pixels are square.
+
+    MONAI's ``Resize(size_mode="longest")`` keeps the pixel grid's aspect ratio, so an image with non-square pixels
+    (DICOM Pixel/Imager Pixel Spacing, NIfTI/MHA/NRRD spacing) stays squashed. Here the output shape is
+    ``round(extent_i / max(extent) * spatial_size)`` with ``extent_i = shape_i * spacing_i``; with square pixels
+    this equals ``Resize(size_mode="longest")``. The pixel spacing is the image's (``MetaTensor.pixdim``, set from
+    the file by :class:`~muscle_ext.data.XRayReader`) unless given at call time (a mask follows its image).
+    Invertible like ``Resize`` (``Invertd`` maps predictions back to the input's geometry).
+    """
+
+    def __init__(self, spatial_size: int, mode: str = "area", align_corners: bool | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(spatial_size, size_mode="longest", mode=mode, align_corners=align_corners, dtype=dtype)
+
+    def output_shape(self, shape: Sequence[int], spacing: Sequence[float]) -> tuple[int, ...]:
+        extent = [float(n) * float(s) for n, s in zip(shape, spacing, strict=True)]
+        return tuple(max(1, int(round(e / max(extent) * self.spatial_size))) for e in extent)
+
+    def __call__(self, img: torch.Tensor, spacing: Sequence[float] | None = None, mode: str | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+        shape = img.peek_pending_shape() if isinstance(img, MetaTensor) else img.shape[1:]
+        if spacing is None:
+            spacing = img.pixdim if isinstance(img, MetaTensor) else (1.0,) * len(shape)
+        dtype = self.dtype or img.dtype
+        return resize(img, self.output_shape(shape, [float(s) for s in spacing]), mode or self.mode,
+                      self.align_corners, dtype, len(shape), False, None, False, self.get_transform_info())
+
+
+class SquarePixelResized(MapTransform, InvertibleTransform):
+    """Dictionary :class:`SquarePixelResize`: every key follows the pixel spacing of ``spacing_key`` (masks and
+    label maps carry no spacing of their own)."""
+
+    def __init__(self, keys: KeysCollection, spatial_size: int, mode: str | Sequence[str] = "area",
+                 spacing_key: str = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.modes = [mode] * len(self.keys) if isinstance(mode, str) else list(mode)
+        self.resizer = SquarePixelResize(spatial_size)
+        self.spacing_key = spacing_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        reference = d.get(self.spacing_key)
+        spacing = reference.pixdim if isinstance(reference, MetaTensor) else None
+        for key, mode in self.key_iterator(d, self.modes):
+            d[key] = self.resizer(d[key], spacing=spacing, mode=mode)
+        return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.resizer.inverse(d[key])
+        return d
+
+
 class AddTagsd(MapTransform):
     """Set tags such as ``dataset`` and ``body_part`` on every item that does not already carry them."""
 
@@ -125,9 +183,10 @@ def xray_preprocessing(
     pad_value: float = 0.0,
     tags: Mapping[str, Any] | None = None,
 ) -> list[Transform]:
-    """The deterministic loading chain for one dataset: load, one float32 channel, robust intensity scaling
-    to [0, 1], optional CLAHE, aspect-preserving resize of the longest side to ``size`` and padding to a
-    square (masks follow the image with nearest-neighbour interpolation).
+    """The deterministic loading chain for one dataset: load (:class:`~muscle_ext.data.LoadXRayd`: images as a
+    viewer shows them, masks as {0, 1}), one float32 channel, robust intensity scaling to [0, 1], optional CLAHE,
+    resampling to square pixels with the longest side (in millimetres) at ``size`` pixels, and padding to a
+    square ``(1, size, size)`` (masks follow the image with nearest-neighbour interpolation).
 
     Returns a list so that configs can append augmentations and caching can stop before the first random one.
     """
@@ -135,24 +194,21 @@ def xray_preprocessing(
     masks = [mask_keys] if isinstance(mask_keys, str) else list(mask_keys)
     side = size if isinstance(size, int) else max(size)
     all_keys = image_keys + masks
-    chain: list[Transform] = [
-        LoadImaged(all_keys, reader=XRayReader, image_only=True),
+    chain: list[Transform] = [LoadXRayd(image_keys)]
+    if masks:  # binary {0, 1} by the mask rule of muscle_ext.data.read_mask (anything above 0 is foreground)
+        chain.append(LoadXRayd(masks, as_mask=True))
+    chain += [
         EnsureChannelFirstd(all_keys),
         EnsureTyped(all_keys, dtype=torch.float32, track_meta=True),
         ScaleIntensityRangePercentilesd(
             image_keys, lower=lower_percentile, upper=upper_percentile, b_min=0.0, b_max=1.0, clip=True
         ),
     ]
-    if masks:
-        # Masks are stored 0/255 or 0/1: binarise at half their maximum value.
-        from monai.transforms import AsDiscreted, ScaleIntensityd
-
-        chain += [ScaleIntensityd(masks, minv=0.0, maxv=1.0), AsDiscreted(masks, threshold=0.5)]
     if clahe:
         chain.append(CLAHEd(image_keys, **(dict(clahe) if isinstance(clahe, Mapping) else {})))
     chain += [
-        Resized(all_keys, spatial_size=side, size_mode="longest",
-                mode=["area"] * len(image_keys) + ["nearest"] * len(masks)),
+        SquarePixelResized(all_keys, spatial_size=side, mode=["area"] * len(image_keys) + ["nearest"] * len(masks),
+                           spacing_key=image_keys[0]),
         SpatialPadd(all_keys, spatial_size=(side, side), mode="constant", value=pad_value),
     ]
     if tags:

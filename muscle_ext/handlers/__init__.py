@@ -3,6 +3,7 @@ backbone export, the kNN health monitor, exact resume, test-set reports, inferen
 learning cross-task memorization and the per-round metric history."""
 
 from muscle_ext.handlers.backbone_export import BackboneExporter
+from muscle_ext.handlers.best_model import BestModelSaver, is_undefined, undefined_aware
 from muscle_ext.handlers.checkpointing import KeyMetricState, ResumeDataPosition, RNGStates, latest_checkpoint
 from muscle_ext.handlers.evaluation import ClassificationReport, EvaluationReport, RegressionReport, SegmentationReport
 from muscle_ext.handlers.knn_monitor import KNNMonitor
@@ -37,6 +38,7 @@ install_input_summary_redaction()
 
 __all__ = [
     "BackboneExporter",
+    "BestModelSaver",
     "ClassificationReport",
     "CrossTaskMemorization",
     "EvaluationReport",
@@ -63,10 +65,12 @@ __all__ = [
     "environment_versions",
     "flatten_config",
     "install_input_summary_redaction",
+    "is_undefined",
     "loss_from_output",
     "resolve_tracking_uri",
     "track_report",
     "short_hash",
     "tracking_settings",
+    "undefined_aware",
     "write_tracking_settings",
 ]

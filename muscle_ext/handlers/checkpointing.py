@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,35 +15,71 @@ from ignite.engine import Engine, Events
 
 __all__ = ["KeyMetricState", "RNGStates", "ResumeDataPosition", "latest_checkpoint"]
 
-_NUMBER = re.compile(r"=(\d+)\.pt$")
+_log = logging.getLogger(__name__)
 
 
-def _is_complete(path: Path) -> bool:
-    # torch.save writes a zip whose central directory comes last: a write cut short by a kill has none.
+def _load_cheaply(path: Path) -> Any:
+    # mmap: only the pickled structure is read, not every weight; legacy (non-zip) files cannot be mmapped
     try:
-        with zipfile.ZipFile(path) as archive:
-            return bool(archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        if zipfile.is_zipfile(path):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def latest_checkpoint(folder: str | Path, prefix: str = "checkpoint") -> str | None:
-    """The newest complete checkpoint (highest iteration/epoch number) that ``CheckpointSaver`` wrote in ``folder``,
-    or ``None``: a config passes it to ``CheckpointLoader`` and disables the loader when it is ``None``.
+def _progress(state: Any) -> int | None:
+    """Iterations completed according to an ignite engine ``state_dict`` (``iteration``, or ``epoch`` with
+    ``epoch_length``, the two forms ``Engine.load_state_dict`` accepts), or ``None`` if it is not one."""
+    if not isinstance(state, Mapping):
+        return None
+    if state.get("iteration") is not None:
+        return int(state["iteration"])
+    if state.get("epoch") is not None and state.get("epoch_length") is not None:
+        return int(state["epoch"]) * int(state["epoch_length"])
+    return None
 
-    MONAI's ``CheckpointSaver`` writes in place (not atomically), so a run killed while saving leaves a truncated
-    file; it is skipped with a warning and the previous checkpoint (``n_saved >= 2``) is used.
+
+def latest_checkpoint(folder: str | Path, prefix: str = "checkpoint", key: str = "trainer") -> str | None:
+    """The checkpoint in ``folder`` (files ``<prefix>*.pt``, as ``CheckpointSaver`` names them) whose trainer state
+    is the furthest along, or ``None`` if there is none: a config passes it to ``CheckpointLoader`` and disables the
+    loader when it is ``None``.
+
+    Files are compared by the trainer state stored inside them (``checkpoint[key]``, an ignite engine
+    ``state_dict``: its ``iteration``, or ``epoch * epoch_length``), never by the number in their name: a finished
+    run's ``checkpoint_final_iteration=20.pt`` counts iterations, a longer rerun's ``checkpoint_epoch=3.pt`` epochs.
+    On a tie the more recently modified file wins. Each file is read with ``weights_only=True`` on the CPU and
+    memory-mapped, so only its small pickled structure is read.
+
+    A file that cannot be read (MONAI's ``CheckpointSaver`` writes in place, not atomically, so a run killed while
+    saving, or a full disk, leaves a truncated file) or that holds no trainer state under ``key`` is skipped with
+    a warning naming it; the previous checkpoint (``n_saved >= 2``) is used instead. Such files never raise.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    found = sorted(((int(m.group(1)), p) for p in folder.glob(f"{prefix}*.pt") if (m := _NUMBER.search(p.name))),
-                   reverse=True)
-    for _, path in found:
-        if _is_complete(path):
-            return str(path)
-        logging.getLogger(__name__).warning(f"skipping incomplete checkpoint {path.name} (interrupted while saving)")
-    return None
+    candidates: list[tuple[int, int, str]] = []
+    for path in sorted(folder.glob(f"{prefix}*.pt")):
+        try:
+            payload = _load_cheaply(path)
+            mtime = path.stat().st_mtime_ns
+        except Exception as exc:  # truncated, corrupt, not weights_only-loadable or gone: never resume from it
+            _log.warning(f"skipping unreadable checkpoint {path.name} (interrupted while saving?): "
+                         f"{type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        iteration = _progress(payload.get(key)) if isinstance(payload, Mapping) else None
+        del payload  # drop the memory map before the next file
+        if iteration is None:
+            _log.warning(f"skipping checkpoint {path.name}: it holds no trainer state under {key!r}")
+            continue
+        candidates.append((iteration, mtime, str(path)))
+    return max(candidates)[2] if candidates else None
+
+
+def _on_cpu(value: Any, dtype: torch.dtype) -> torch.Tensor:
+    # CheckpointLoader's map_location puts every tensor on the training device; RNG states are set from the CPU
+    tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    return tensor.detach().to(device="cpu", dtype=dtype)
 
 
 class RNGStates:
@@ -53,6 +89,8 @@ class RNGStates:
     """
 
     def state_dict(self) -> dict[str, Any]:
+        """The current states: Python's and NumPy's global RNG, torch's CPU generator and, when CUDA is available,
+        every CUDA device's generator."""
         version, mt_state, gauss = random.getstate()
         np_state = np.random.get_state()
         state = {
@@ -65,13 +103,27 @@ class RNGStates:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the states of :meth:`state_dict`, wherever the checkpoint loader mapped its tensors (CPU, or the
+        training device through ``map_location``): they are copied to the CPU first.
+
+        CUDA states are restored for as many devices as both the checkpoint and this machine have (a run resumed
+        with fewer or more GPUs keeps the others' seeded states); without CUDA they are ignored.
+        Raises ``KeyError`` if ``python``, ``numpy`` or ``torch`` is missing, and ``ValueError``/``RuntimeError``
+        (from ``random``, NumPy or torch) if a state is malformed.
+        """
         version, mt_state, gauss = state["python"]
-        random.setstate((version, tuple(int(v) for v in mt_state.tolist()), gauss))
+        random.setstate((version, tuple(_on_cpu(mt_state, torch.int64).tolist()), gauss))
         name, keys, *rest = state["numpy"]
-        np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-        torch.set_rng_state(state["torch"])
+        np.random.set_state((name, _on_cpu(keys, torch.int64).numpy().astype(np.uint32), *rest))
+        torch.set_rng_state(_on_cpu(state["torch"], torch.uint8))
         if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+            saved = [_on_cpu(s, torch.uint8) for s in state["cuda"]]
+            count = torch.cuda.device_count()
+            if len(saved) != count:
+                _log.info(f"restoring the CUDA RNG states of {min(len(saved), count)} device(s): the checkpoint has "
+                          f"{len(saved)}, this machine {count}")
+            # set_rng_state_all sets device i for the i-th state: a device this machine lacks would raise
+            torch.cuda.set_rng_state_all(saved[:count])
 
 
 class ResumeDataPosition:
