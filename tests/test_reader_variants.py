@@ -129,6 +129,31 @@ def test_inverse_presentation_lut_and_sigmoid_window(tmp_path, radiograph):
     assert corr(image, radiograph) > 0.999 and "invalid window" in meta["voi"] and not meta["voi_applied"]
 
 
+def test_header_quirks_of_real_writers(tmp_path, radiograph):
+    from pydicom.dataelem import DataElement
+
+    # MONOCHROME1 with Presentation LUT Shape INVERSE (required by the DX module): one inversion, bone bright
+    dx = dicom(tmp_path / "dx.dcm", 4095 - radiograph, "MONOCHROME1", PresentationLUTShape="INVERSE")
+    image, meta = read_xray(dx)
+    assert meta["inverted"] and corr(image, radiograph) > 0.99
+    # a signed image whose padding value is written as US 0x8000 (for -32768)
+    signed, border = _bordered(radiograph - 2048, -32768)
+    padded = dicom(tmp_path / "pad.dcm", signed, bits_stored=16, signed=True)
+    ds = pydicom.dcmread(padded)
+    ds.add(DataElement(0x00280120, "US", 0x8000))
+    ds.save_as(padded, enforce_file_format=True)
+    assert read_xray(padded)[1]["padding_pixels"] == int(border.sum())
+    # a VOI LUT whose first mapped value (-2048) is stored as US (63488), on a signed image
+    item = Dataset()
+    item.add(DataElement(0x00283002, "US", [4096, 65536 - 2048, 12]))
+    item.add(DataElement(0x00283006, "US", list(range(4096))))
+    lut = dicom(tmp_path / "lut.dcm", radiograph - 2048, signed=True, VOILUTSequence=pydicom.Sequence([item]))
+    assert corr(read_xray(lut)[0], radiograph) > 0.999
+    # an empty window (type 2 attributes written without a value): no window, no crash
+    empty = dicom(tmp_path / "empty.dcm", radiograph, WindowCenter=None, WindowWidth=None)
+    assert read_xray(empty)[1]["voi"] == "none"
+
+
 # -------------------------------------------------------------------------------------------------- padding
 def _bordered(radiograph: np.ndarray, border_value: int) -> tuple[np.ndarray, np.ndarray]:
     stored = radiograph.copy()
@@ -424,6 +449,29 @@ def test_every_mask_encoding_follows_the_above_zero_rule(tmp_path, lung_mask):
     grey = _png(tmp_path / "grey.png", (np.arange(m.size) % 256).reshape(m.shape).astype(np.uint8))
     with pytest.raises(XRayReadError, match="distinct values"):
         read_mask(grey)
+
+
+def test_masks_the_rule_cannot_read_or_that_do_not_fit_their_image(tmp_path, lung_mask, chest):
+    m = lung_mask.astype(np.uint8)
+    Image.fromarray(m).save(tmp_path / "01.jpg", quality=90)  # 0/1 labels lost in JPEG noise
+    with pytest.raises(XRayReadError, match="store masks as PNG"):
+        read_mask(tmp_path / "01.jpg")
+    palette = Image.fromarray(m, mode="L").convert("P")
+    palette.putpalette([200, 200, 200] + [255, 0, 0] * 255)  # index 0 drawn light grey: indices count, not colours
+    palette.save(tmp_path / "palette.png")
+    assert dice(read_mask(tmp_path / "palette.png")[0] > 0, lung_mask) > 0.9999
+    frames = dicom(tmp_path / "seg.dcm", m.astype(np.uint16))
+    ds = pydicom.dcmread(frames)
+    ds.NumberOfFrames, ds.PixelData = 2, np.concatenate([m, m]).astype(np.uint16).tobytes()
+    ds.save_as(frames, enforce_file_format=True)
+    with pytest.raises(XRayReadError, match="multi-frame"):
+        read_mask(frames)
+    _png(tmp_path / "image.png", chest)
+    _png(tmp_path / "turned.png", np.ascontiguousarray(m.T[:, :200] * 255))
+    with pytest.raises(RuntimeError) as err:
+        Compose(xray_preprocessing("image", mask_keys="label", size=64))(
+            {"image": str(tmp_path / "image.png"), "label": str(tmp_path / "turned.png")})
+    assert "own pixel grid" in repr(err.value.__cause__ or err.value)
 
 
 def test_reader_table_lists_every_tested_variant():

@@ -12,8 +12,9 @@ Order (stored values -> what a viewer shows, bone bright):
    (LINEAR, LINEAR_EXACT or SIGMOID, C.11.2.1.2-3). The VOI output is mapped to [0, 1] by our own code: pydicom's
    ``apply_windowing`` maps it to the rescaled stored range, which a negative slope turns upside down. A window
    that breaks the standard (width < 1 for LINEAR) is not applied, and the meta data says so.
-4. Polarity: MONOCHROME1 means "minimum is white"; Presentation LUT Shape INVERSE flips once more. The image is
-   mirrored within its value range so that bright always means dense.
+4. Polarity: MONOCHROME1 means "minimum is white"; Presentation LUT Shape INVERSE says the same (the DX module
+   requires it with MONOCHROME1: one inversion, not two) and inverts a MONOCHROME2 image. The image is mirrored
+   within its value range so that bright always means dense.
 
 Colour encodings (RGB, YBR_*, PALETTE COLOR) that hold a grey image load as grey; true colour is refused (see
 :func:`muscle_ext.data.pixels.grey_from_colour`). Float and Double Float Pixel Data decode like integer data.
@@ -53,17 +54,52 @@ def _values(value: Any) -> list[float]:
     return [float(v) for v in value] if isinstance(value, (MultiValue, list, tuple)) else [float(value)]
 
 
+def _as_stored(value: Any, ds: Any) -> float:
+    """A value in stored-pixel units: US-encoded values of a signed image are read as two's complement (writers
+    often encode 0x8000 for -32768)."""
+    value = float(value)
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
+    if int(ds.get("PixelRepresentation", 0)) == 1 and value > 2 ** (bits - 1) - 1:
+        value -= 2.0 ** (16 if value >= 2**bits else bits)
+    return value
+
+
 def _padding_mask(ds: Any, stored: np.ndarray) -> np.ndarray | None:
-    if "PixelPaddingValue" not in ds or ds.PixelPaddingValue is None:
+    if stored.dtype.kind == "f":  # Float Pixel Data has its own padding attributes
+        value_tag, limit_tag = "FloatPixelPaddingValue", "FloatPixelPaddingRangeLimit"
+    else:
+        value_tag, limit_tag = "PixelPaddingValue", "PixelPaddingRangeLimit"
+    if ds.get(value_tag) is None or ds.get(value_tag) == "":
         return None
-    value = int(ds.PixelPaddingValue)
-    limit = ds.get("PixelPaddingRangeLimit")
-    if limit is None:
+    value = _as_stored(ds.get(value_tag), ds)
+    limit = ds.get(limit_tag)
+    if limit is None or limit == "":
         mask = stored == value
     else:
-        low, high = sorted((value, int(limit)))
+        low, high = sorted((value, _as_stored(limit, ds)))
         mask = (stored >= low) & (stored <= high)
     return mask if mask.any() else None
+
+
+def _lut(values: np.ndarray, item: Any, signed_input: bool) -> tuple[np.ndarray, int]:
+    """Apply one LUT item (LUT Descriptor + LUT Data, PS3.3 C.11.1.1.1 / C.11.2.1.1) to ``values``: values below
+    the first mapped one take the first entry, values past the end the last. Returns the output and its bit depth.
+
+    Our own lookup because pydicom reads a first mapped value stored as US literally (64512 for -1024), which maps
+    every pixel of a signed image to the first entry: a flat image, silently."""
+    entries, first, depth = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 2**16
+    if signed_input and first >= 2**15:
+        first -= 2**16
+    data = item.LUTData
+    if isinstance(data, (bytes, bytearray)):
+        table = np.frombuffer(data, dtype="<u2" if depth > 8 or len(data) >= 2 * entries else "u1")[:entries]
+    else:
+        table = np.asarray(list(data) if not np.isscalar(data) else [data], dtype=np.float64)
+    if len(table) < entries:
+        raise ValueError(f"LUT Data holds {len(table)} entries, its descriptor says {entries}")
+    index = np.clip(np.rint(values).astype(np.int64) - first, 0, entries - 1)
+    return np.asarray(table, dtype=np.float64)[index], depth
 
 
 def _stored_range(ds: Any, stored: np.ndarray, keep: np.ndarray) -> tuple[float, float]:
@@ -79,10 +115,9 @@ def _stored_range(ds: Any, stored: np.ndarray, keep: np.ndarray) -> tuple[float,
 def _modality(ds: Any, stored: np.ndarray, stored_range: tuple[float, float]) -> tuple[np.ndarray, tuple, str]:
     """Modality values and their (min, max) range; the description for the meta data."""
     if ds.get("ModalityLUTSequence"):
-        from pydicom.pixels import apply_modality_lut
-
-        depth = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
-        return apply_modality_lut(stored, ds).astype(np.float64), (0.0, 2.0**depth - 1), "Modality LUT Sequence"
+        signed = int(ds.get("PixelRepresentation", 0)) == 1
+        values, depth = _lut(stored, ds.ModalityLUTSequence[0], signed)
+        return values, (0.0, 2.0**depth - 1), "Modality LUT Sequence"
     if "RescaleSlope" not in ds and "RescaleIntercept" not in ds:
         return stored.astype(np.float64), stored_range, "none"
     slope, intercept = _float(ds.get("RescaleSlope"), 1.0), _float(ds.get("RescaleIntercept"), 0.0)
@@ -105,17 +140,13 @@ def _window(x: np.ndarray, center: float, width: float, function: str) -> np.nda
     return np.clip((x - c) / w + 0.5, 0.0, 1.0)
 
 
-def _voi(ds: Any, values: np.ndarray) -> tuple[np.ndarray | None, str]:
+def _voi(ds: Any, values: np.ndarray, value_range: tuple[float, float]) -> tuple[np.ndarray | None, str]:
     """The VOI output in [0, 1] (or ``None`` when no VOI applies) and what was applied, for the meta data."""
     if ds.get("VOILUTSequence"):
-        from pydicom.pixels import apply_voi
-
-        item = ds.VOILUTSequence[0]
-        depth = int(item.LUTDescriptor[2])
-        lut = apply_voi(np.rint(values).astype(np.int64), ds, index=0).astype(np.float64)
+        lut, depth = _lut(values, ds.VOILUTSequence[0], signed_input=value_range[0] < 0)
         count = len(ds.VOILUTSequence)
         return lut / (2.0**depth - 1), f"VOI LUT Sequence item 1 of {count} ({depth}-bit)"
-    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+    if ds.get("WindowCenter") in (None, "") or ds.get("WindowWidth") in (None, ""):
         return None, "none"
     centers, widths = _values(ds.WindowCenter), _values(ds.WindowWidth)
     center, width, count = centers[0], widths[0], len(centers)
@@ -155,7 +186,7 @@ def _aspect(ds: Any) -> tuple[float, float] | None:
 def _decode(path: Path, ds: Any) -> np.ndarray:
     try:
         return ds.pixel_array
-    except (NotImplementedError, RuntimeError, ValueError, AttributeError) as e:
+    except Exception as e:  # pydicom and its plug-ins raise many types; the file and the syntax must be named
         syntax = ds.file_meta.get("TransferSyntaxUID")
         syntax_name = getattr(syntax, "name", str(syntax))
         raise XRayReadError(
@@ -170,8 +201,8 @@ def _colour_to_grey(path: Path, ds: Any, pixels: np.ndarray, photometric: str) -
         from pydicom.pixels import apply_color_lut
 
         rgb = apply_color_lut(pixels, ds)
-        depth = int(ds.RedPaletteColorLookupTableDescriptor[2])
-        max_value = 2.0**depth - 1
+        # descriptors that say 16 bits over 8-bit entries are common: the range is what the output type holds
+        max_value = float(np.iinfo(rgb.dtype).max) if rgb.dtype.kind in "ui" else float(rgb.max() or 1)
     else:
         rgb = pixels  # pydicom converts YBR to RGB when it decodes
         max_value = 2.0 ** int(ds.get("BitsStored", ds.get("BitsAllocated", 8))) - 1
@@ -219,15 +250,20 @@ def read_dicom(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
                             "modality": str(ds.get("Modality", "")),
                             "body_part_examined": str(ds.get("BodyPartExamined", "")),
                             "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", ""))}
-    if photometric in _COLOUR:
-        image, _ = _colour_to_grey(path, ds, pixels, photometric)
-        meta.update(modality_lut="none", voi="none (colour encoding, loaded as grey)", inverted=False,
-                    padding_pixels=0)
-    elif photometric in _GREY:
-        image, applied = _grey_display(path, ds, pixels, photometric)
-        meta.update(applied)
-    else:
+    if photometric not in _COLOUR + _GREY:
         raise XRayReadError(path, f"photometric interpretation {photometric} is not a grayscale radiograph")
+    try:
+        if photometric in _COLOUR:
+            image, _ = _colour_to_grey(path, ds, pixels, photometric)
+            meta.update(modality_lut="none", voi="none (colour encoding, loaded as grey)", inverted=False,
+                        padding_pixels=0)
+        else:
+            image, applied = _grey_display(path, ds, pixels, photometric)
+            meta.update(applied)
+    except XRayReadError:
+        raise
+    except Exception as e:  # a malformed LUT or palette: name the file and what broke
+        raise XRayReadError(path, f"cannot apply its LUTs ({type(e).__name__}: {e})") from e
     meta["voi_applied"] = not meta["voi"].startswith("none")
     spacing, source = _spacing(ds)
     aspect = _aspect(ds) if spacing is None else None
@@ -242,13 +278,17 @@ def _grey_display(path: Path, ds: Any, stored: np.ndarray, photometric: str) -> 
     if not keep.any():
         raise XRayReadError(path, "every pixel is padding (Pixel Padding Value): no anatomy in the image")
     values, value_range, modality_lut = _modality(ds, stored, _stored_range(ds, stored, keep))
-    voi_output, voi = _voi(ds, values)
+    voi_output, voi = _voi(ds, values, value_range)
     if voi_output is not None:
         values, value_range = voi_output, (0.0, 1.0)
-    inverse = (photometric == "MONOCHROME1") != (str(ds.get("PresentationLUTShape", "IDENTITY")) == "INVERSE")
+    # PS3.3 C.8.11.6.1: INVERSE "shall be used if Photometric Interpretation is MONOCHROME1": the two describe the
+    # same single inversion (a double flip would show most DX files bone-dark); INVERSE on MONOCHROME2 inverts.
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    inverse = photometric == "MONOCHROME1" or shape == "INVERSE"
     if inverse:
         values = (value_range[0] + value_range[1]) - values
     if padding is not None:
         values = np.where(padding, values[keep].min(), values)
     return values, {"modality_lut": modality_lut, "voi": voi, "inverted": inverse,
+                    "presentation_lut_shape": shape or "none",
                     "padding_pixels": int(padding.sum()) if padding is not None else 0}

@@ -77,7 +77,7 @@ def _read_vector_itk(path: Path) -> np.ndarray:
     return np.asarray(itk.array_from_image(reader.GetOutput()), dtype=np.float32)  # (H, W, C); float32 is exact
 
 
-def _pil_channels(path: Path) -> tuple[np.ndarray, dict]:
+def _pil_channels(path: Path, palette_as_index: bool = False) -> tuple[np.ndarray, dict]:
     """Decode a PNG/JPEG/TIFF/BMP at its stored precision, turned by its EXIF orientation.
 
     Returns ``(H, W)`` or ``(H, W, C)`` float32 samples and ``source_mode``, ``bits_stored``, ``max_value``,
@@ -98,6 +98,8 @@ def _pil_channels(path: Path) -> tuple[np.ndarray, dict]:
                 array, bits = _read_vector_itk(path), declared
             elif mode in ("L", "LA", "RGB", "RGBA"):
                 array, bits = np.asarray(img).astype(np.float32), 8
+            elif mode in ("P", "PA") and palette_as_index:  # a label map: its indices, not their colours
+                array, bits = np.asarray(img.getchannel(0)).astype(np.float32), 8
             elif mode == "1":
                 array, bits = np.asarray(img.convert("L")).astype(np.float32), 8
             else:  # palette, CMYK, YCbCr, ...: their colours, then the grey check
@@ -202,12 +204,19 @@ def read_xray(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
 
 
 def _raw_dicom(path: Path) -> np.ndarray:
+    """The stored values of a DICOM mask: one frame, one or three samples per pixel (no LUTs: labels are labels)."""
     import pydicom
 
     try:
-        return np.asarray(pydicom.dcmread(path).pixel_array, dtype=np.float32)
+        ds = pydicom.dcmread(path)
+        pixels = np.asarray(ds.pixel_array, dtype=np.float32)
     except Exception as e:
         raise XRayReadError(path, f"unreadable DICOM mask ({type(e).__name__}: {e})") from e
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if pixels.ndim == 4 or (pixels.ndim == 3 and samples == 1):
+        raise XRayReadError(path, f"multi-frame DICOM mask ({pixels.shape[0]} frames, e.g. DICOM SEG): one 2-D "
+                                  "mask per image expected")
+    return pixels
 
 
 def read_mask(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
@@ -215,17 +224,19 @@ def read_mask(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
 
     One rule for every encoding: **foreground is any pixel whose value is above 0 in any channel** (0/1, 0/255,
     0/128, one label per structure, colour-coded structures; alpha is ignored), in the orientation the image
-    readers use. Lossy JPEG is the exception that its noise forces: foreground is brighter than half the brightest
-    value, and a JPEG whose brightest value is compression noise (below 6 % of the range) is empty.
+    readers use; palette PNGs by their indices. Lossy JPEG is the exception that its noise forces: foreground is
+    brighter than half the brightest value (an all-zero JPEG is empty).
 
     Raises:
         XRayReadError: a lossless mask with non-integer values (a probability map: threshold it first) or more than
-            ``MASK_MAX_LEVELS`` distinct values (a grey image, not a label map), or a file that cannot be read.
+            ``MASK_MAX_LEVELS`` distinct values (a grey image, not a label map), a JPEG whose brightest value is
+            below 6 % of the range (0/1 labels lost in compression noise), a multi-frame DICOM, or a file that
+            cannot be read.
     """
     path, fmt = _checked_path(path)
     lossy = False
     if fmt == "pil":
-        values, info = _pil_channels(path)
+        values, info = _pil_channels(path, palette_as_index=True)
         if values.ndim == 3 and info["has_alpha"]:
             values = values[..., :-1]
         lossy = info["lossy"]
@@ -239,7 +250,10 @@ def read_mask(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
         raise XRayReadError(path, "mask has no pixels")
     if lossy:
         brightest = float(values.max())
-        mask = values > brightest / 2 if brightest > COLOUR_TOLERANCE * 255 else np.zeros_like(values, dtype=bool)
+        if 0 < brightest <= COLOUR_TOLERANCE * 255:  # 0/1 labels saved as JPEG: indistinguishable from its noise
+            raise XRayReadError(path, f"JPEG mask whose brightest value is {brightest:.0f}: labels this dark cannot "
+                                      "be told from compression noise; store masks as PNG (lossless)")
+        mask = values > brightest / 2  # an all-background JPEG decodes to exact zeros
         rule = "jpeg: > half the brightest value"
     else:
         if not np.isfinite(values).all() or not np.array_equal(values, np.round(values)):

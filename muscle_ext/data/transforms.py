@@ -23,6 +23,7 @@ from monai.transforms import (
     SpatialPadd,
     Transform,
 )
+from monai.transforms.lazy.functional import apply_pending
 from monai.transforms.spatial.functional import resize
 from monai.utils import convert_to_dst_type
 
@@ -125,6 +126,9 @@ class SquarePixelResize(Resize):
 
     def __call__(self, img: torch.Tensor, spacing: Sequence[float] | None = None, mode: str | None = None,
                  **kwargs: Any) -> torch.Tensor:
+        # always eager: the output shape depends on the spacing, so pending (lazy) operations are applied first
+        if isinstance(img, MetaTensor) and img.has_pending_operations:
+            img, _ = apply_pending(img)
         shape = img.peek_pending_shape() if isinstance(img, MetaTensor) else img.shape[1:]
         if spacing is None:
             spacing = img.pixdim if isinstance(img, MetaTensor) else (1.0,) * len(shape)
@@ -148,6 +152,8 @@ class SquarePixelResized(MapTransform, InvertibleTransform):
         d = dict(data)
         reference = d.get(self.spacing_key)
         spacing = reference.pixdim if isinstance(reference, MetaTensor) else None
+        if reference is not None:
+            self._check_same_grid(d, reference)
         for key, mode in self.key_iterator(d, self.modes):
             d[key] = self.resizer(d[key], spacing=spacing, mode=mode)
         return d
@@ -157,6 +163,21 @@ class SquarePixelResized(MapTransform, InvertibleTransform):
         for key in self.key_iterator(d):
             d[key] = self.resizer.inverse(d[key])
         return d
+
+    def _check_same_grid(self, d: Mapping[Hashable, Any], reference: Any) -> None:
+        """A mask on another pixel grid than its image (e.g. a JPEG shown rotated by EXIF and a mask drawn on the
+        stored pixels) would be resized into the same square and silently misaligned: stop instead."""
+        def shape(x: Any) -> tuple[int, ...]:
+            return tuple(int(s) for s in (x.peek_pending_shape() if isinstance(x, MetaTensor) else x.shape[1:]))
+
+        def name(x: Any) -> str:
+            return str(getattr(x, "meta", {}).get("filename_or_obj", "?"))
+
+        for key in self.key_iterator(d):
+            if shape(d[key]) != shape(reference):
+                raise ValueError(f"{key} {name(d[key])} is {shape(d[key])} pixels (rows, columns) but "
+                                 f"{self.spacing_key} {name(reference)} is {shape(reference)}: a mask must be drawn "
+                                 "on the image's own pixel grid (same size and orientation as a viewer shows it)")
 
 
 class AddTagsd(MapTransform):
