@@ -263,3 +263,46 @@ def test_rng_restore_through_the_checkpoint_loader_on_cuda(tmp_path):
     engine = Engine(lambda e, b: None)
     CheckpointLoader(str(path), {"rng": rng}, map_location=torch.device("cuda:0"))(engine)
     assert (*_draws(), float(torch.rand(1, device="cuda"))) == expected
+
+
+# --------------------------------------------------------------------------------- atomic resumable checkpoints
+def test_resumable_checkpoint_keeps_the_last_state_through_a_failed_save(tmp_path, monkeypatch):
+    from ignite.engine import Engine
+
+    from muscle_ext.handlers import ResumableCheckpoint
+
+    net = torch.nn.Linear(3, 2)
+    engine = Engine(lambda e, b: None)
+    ResumableCheckpoint(tmp_path, {"model": net, "trainer": engine}, keep=1).attach(engine)
+    engine.run([0] * 4, max_epochs=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_8.pt"]  # one state kept; final == epoch 2
+
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):  # half a file, then the disk is full
+        f.write(b"PK\x03\x04 half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    engine2 = Engine(lambda e, b: None)
+    ResumableCheckpoint(tmp_path, {"model": net, "trainer": engine2}, keep=1).attach(engine2)
+    with pytest.raises(OSError, match="No space"):
+        engine2.run([0] * 4, max_epochs=1)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_8.pt"]  # no half-written file, old one intact
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint_8.pt")
+    state = torch.load(tmp_path / "checkpoint_8.pt", weights_only=True)
+    assert state["trainer"]["iteration"] == 8
+
+
+def test_resumable_checkpoint_interval_and_keep(tmp_path):
+    from ignite.engine import Engine
+
+    from muscle_ext.handlers import ResumableCheckpoint
+
+    engine = Engine(lambda e, b: None)
+    ResumableCheckpoint(tmp_path, {"trainer": engine}, keep=2, interval=3, epoch_level=False).attach(engine)
+    engine.run([0] * 5, max_epochs=2)  # saves at iterations 3, 6, 9 and the final 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_10.pt", "checkpoint_9.pt"]
+    with pytest.raises(ValueError, match="keep"):
+        ResumableCheckpoint(tmp_path, {}, keep=0)

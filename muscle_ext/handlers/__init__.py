@@ -4,7 +4,13 @@ learning cross-task memorization and the per-round metric history."""
 
 from muscle_ext.handlers.backbone_export import BackboneExporter
 from muscle_ext.handlers.best_model import BestModelSaver, is_undefined, undefined_aware
-from muscle_ext.handlers.checkpointing import KeyMetricState, ResumeDataPosition, RNGStates, latest_checkpoint
+from muscle_ext.handlers.checkpointing import (
+    KeyMetricState,
+    ResumableCheckpoint,
+    ResumeDataPosition,
+    RNGStates,
+    latest_checkpoint,
+)
 from muscle_ext.handlers.evaluation import ClassificationReport, EvaluationReport, RegressionReport, SegmentationReport
 from muscle_ext.handlers.knn_monitor import KNNMonitor
 from muscle_ext.handlers.memorization import CrossTaskMemorization
@@ -52,6 +58,7 @@ __all__ = [
     "SegmentationReport",
     "ValueColumns",
     "RNGStates",
+    "ResumableCheckpoint",
     "ResumeDataPosition",
     "latest_checkpoint",
     "TRACKING_SETTINGS_PATH",

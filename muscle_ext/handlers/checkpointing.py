@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
 
-__all__ = ["KeyMetricState", "RNGStates", "ResumeDataPosition", "latest_checkpoint"]
+__all__ = ["KeyMetricState", "RNGStates", "ResumableCheckpoint", "ResumeDataPosition", "latest_checkpoint"]
 
 _log = logging.getLogger(__name__)
 
@@ -80,6 +81,52 @@ def _on_cpu(value: Any, dtype: torch.dtype) -> torch.Tensor:
     # CheckpointLoader's map_location puts every tensor on the training device; RNG states are set from the CPU
     tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
     return tensor.detach().to(device="cpu", dtype=dtype)
+
+
+class ResumableCheckpoint:
+    """Keep the newest ``keep`` resumable training states in ``save_dir``, each written atomically.
+
+    Ignite's ``Checkpoint`` with ``DiskSaver(atomic=True)``: a state is written to a temporary file and renamed,
+    so a run killed while saving (or a full disk) leaves the previous state intact, and ``keep=1`` is safe (MONAI's
+    ``CheckpointSaver`` writes in place, so it needed two). Files are ``checkpoint_<iteration>.pt``;
+    :func:`latest_checkpoint` picks the furthest along by the trainer state inside, whatever the names.
+
+    Args:
+        save_dir: the folder (created when missing).
+        save_dict: objects with ``state_dict``/``load_state_dict`` (network, optimizer, scheduler, trainer, ...).
+        keep: how many states to keep (>= 1); older ones are deleted after a newer one is complete.
+        interval: epochs (``epoch_level``) or iterations between saves. The run's last state is saved on
+            ``COMPLETED`` as well, so a finished run can be extended from its end.
+        epoch_level: save every ``interval`` epochs (True) or iterations (False).
+    """
+
+    def __init__(self, save_dir: str | Path, save_dict: Mapping[str, Any], keep: int = 1, interval: int = 1,
+                 epoch_level: bool = True) -> None:
+        if int(keep) < 1:
+            raise ValueError(f"keep must be at least 1 (the state a killed run resumes from), got {keep}")
+        if int(interval) < 1:
+            raise ValueError(f"interval must be at least 1, got {interval}")
+        self.save_dir = Path(save_dir)
+        self.save_dict = dict(save_dict)
+        self.keep = int(keep)
+        self.interval = int(interval)
+        self.epoch_level = bool(epoch_level)
+        self.checkpoint: Checkpoint | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self.checkpoint = Checkpoint(
+            self.save_dict, DiskSaver(self.save_dir, atomic=True, require_empty=False), n_saved=self.keep,
+            global_step_transform=lambda e, _: e.state.iteration, filename_pattern="checkpoint_{global_step}.{ext}")
+        every = Events.EPOCH_COMPLETED(every=self.interval) if self.epoch_level else \
+            Events.ITERATION_COMPLETED(every=self.interval)
+        engine.add_event_handler(every, self._save)
+        engine.add_event_handler(Events.COMPLETED, self._save)
+
+    def _save(self, engine: Engine) -> None:
+        saved = self.checkpoint.last_checkpoint if self.checkpoint is not None else None
+        if saved is not None and Path(str(saved)).name == f"checkpoint_{engine.state.iteration}.pt":
+            return  # COMPLETED right after the interval's save: the same state
+        self.checkpoint(engine)
 
 
 class RNGStates:
