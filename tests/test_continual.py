@@ -108,18 +108,108 @@ def test_resumed_run_ends_with_the_same_weights():
         assert torch.equal(a, b), name
 
 
-def test_memorization_adds_the_l2_sp_gradient():
+def test_each_penalty_is_zero_at_its_anchor_and_grows_as_weights_move():
+    from muscle_ext.networks.regularizers import (
+        diagonal_fisher,
+        ewc_penalty,
+        feature_distillation,
+        l2sp_penalty,
+        named_trainable,
+        snapshot,
+    )
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    params = named_trainable(net)
+    anchor = snapshot(params)
+    batches = [(torch.randn(6, 4), torch.randint(0, 2, (6,))) for _ in range(3)]
+    fisher = diagonal_fisher(params, lambda b: nn.functional.cross_entropy(net(b[0]), b[1]), batches)
+    assert fisher.keys() == params.keys()
+    assert all(f.shape == params[n].shape and (f >= 0).all() and f.sum() > 0 for n, f in fisher.items())
+    values = {"l2sp": [], "ewc": []}
+    for step in (0.0, 0.05, 0.1):
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(anchor[name] + step)
+        values["l2sp"].append(float(l2sp_penalty(params, anchor)))
+        values["ewc"].append(float(ewc_penalty(params, anchor, fisher)))
+    for name, (at_anchor, small, larger) in values.items():
+        assert at_anchor == 0.0 and 0 < small < larger, name
+    features = torch.randn(2, 3, 4, 4)
+    assert float(feature_distillation(features, features)) == 0.0
+    assert float(feature_distillation(features + 0.1, features)) < float(feature_distillation(features + 0.2, features))
+    # keyed by name: an anchor of another network is refused, never paired by position
+    with pytest.raises(ValueError, match="by name"):
+        l2sp_penalty(params, {f"other.{n}": t for n, t in anchor.items()})
+
+
+def test_l2sp_penalty_is_in_the_loss_before_backward():
     backbone = nn.Linear(3, 2)
     memory = CrossTaskMemorization(backbone, weight=0.5)
     memory.remember()
-    start = [p.detach().clone() for p in backbone.parameters()]
+    start = {n: p.detach().clone() for n, p in backbone.named_parameters()}
     with torch.no_grad():
         for p in backbone.parameters():
             p.add_(1.0)
-            p.grad = torch.full_like(p, 2.0)
-    memory.pull(type("E", (), {"scaler": None})())
-    for p, s in zip(backbone.parameters(), start, strict=True):
-        assert torch.allclose(p.grad, 2.0 + 0.5 * (p.detach() - s))
+    engine = type("E", (), {})()
+    engine.state = type("S", (), {"output": {"loss": (backbone.weight * 0).sum()}})()
+    memory._add_penalty(engine)
+    engine.state.output["loss"].backward()
+    for name, p in backbone.named_parameters():  # d/dw of 0.5/2 * ||w - w0||^2 = 0.5 (w - w0)
+        assert torch.allclose(p.grad, 0.5 * (p.detach() - start[name])), name
+    assert engine.state.output["memorization"] == pytest.approx(0.5 * 0.5 * 8)  # 8 parameters moved by 1
+
+
+@pytest.mark.parametrize("method", ["l2sp", "ewc", "distillation"])
+def test_memorization_shows_in_the_logged_loss_and_resumes_exactly(method):
+    """A run stopped in the middle of a task visit and resumed from its state (network, optimiser, trainer and the
+    handler's anchors) ends bit-identical to an unbroken run, and the penalty was part of the logged loss."""
+    from muscle_ext.handlers import EWCMemorization, FeatureDistillation
+    from muscle_ext.networks import build_backbone
+    from muscle_ext.networks.heads import BackboneClassifier
+
+    def setup(seed: int):
+        g = torch.Generator().manual_seed(0)
+        data = {name: [{"x": torch.randn(1, 32, 32, generator=g), "y": int(torch.randint(0, 2, (), generator=g))}
+                       for _ in range(8)] for name in ("a", "b")}
+        torch.manual_seed(seed)
+        backbone = build_backbone("resnet18", widen_factor=0.25)  # a quarter of the channels: fast
+        networks = nn.ModuleDict({n: BackboneClassifier(backbone, 2) for n in ("a", "b")})
+        tasks = {n: SupervisedTask(networks[n], nn.CrossEntropyLoss(),
+                                   DataLoader(Dataset(data[n]), batch_size=4, shuffle=True,
+                                              generator=torch.Generator()),
+                                   prepare_batch=lambda b, device, non_blocking, **kw: (b["x"], b["y"]))
+                 for n in networks}
+        memory = {"l2sp": lambda: CrossTaskMemorization(backbone, weight=1.0),
+                  "ewc": lambda: EWCMemorization(backbone, weight=10.0, fisher_batches=2),
+                  "distillation": lambda: FeatureDistillation(backbone, weight=1.0)}[method]()
+        schedule = TaskSchedule(["a", "b"], steps={"a": 2, "b": 3}, seed=3)
+        optimizer = torch.optim.SGD(networks.parameters(), lr=0.01)
+        trainer = MultiTaskTrainer("cpu", 3, tasks, schedule, networks, optimizer, train_handlers=[memory], seed=5)
+        return networks, trainer, memory
+
+    reference_nets, reference, _ = setup(0)
+    penalties = []
+    reference.add_event_handler(Events.ITERATION_COMPLETED, lambda e: penalties.append(
+        e.state.output.get("memorization", 0.0)))
+    reference.run()
+    assert max(penalties) > 0  # the penalty joined the loss (after the first visit for EWC)
+
+    first_nets, first, first_memory = setup(0)
+    first.add_event_handler(Events.ITERATION_COMPLETED(once=8), lambda e: e.terminate())  # inside round 2's 2nd visit
+    first.run()
+    assert not reference.schedule.task_at(8)[1]  # iteration 9 continues a visit: its anchor must come from the state
+    state = {"net": first_nets.state_dict(), "opt": first.optimizer.state_dict(), "trainer": first.state_dict(),
+             "memory": first_memory.state_dict()}
+    resumed_nets, resumed, resumed_memory = setup(99)
+    resumed_nets.load_state_dict(state["net"])
+    resumed.optimizer.load_state_dict(state["opt"])
+    resumed.load_state_dict(state["trainer"])
+    resumed_memory.load_state_dict(state["memory"])
+    resumed.run()
+    assert resumed.state.iteration == reference.state.iteration == 15
+    for (name, a), b in zip(reference_nets.state_dict().items(), resumed_nets.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_memorization_keeps_the_backbone_nearer_its_start_of_visit():

@@ -85,10 +85,15 @@ class TaskSchedule:
 
     def task_at(self, iteration: int) -> tuple[str, bool]:
         """``(task, first step of its visit)`` for the 0-based global ``iteration``."""
+        task, step = self.visit_step(iteration)
+        return task, step == 0
+
+    def visit_step(self, iteration: int) -> tuple[str, int]:
+        """``(task, 0-based step within its visit)`` for the 0-based global ``iteration``."""
         round_index, step = divmod(iteration, self.steps_per_round)
         for task in self.order(round_index):
             if step < self.steps[task]:
-                return task, step == 0
+                return task, step
             step -= self.steps[task]
         raise AssertionError("unreachable: step is below steps_per_round")
 
@@ -133,7 +138,8 @@ class MultiTaskTrainer(StepTrainer):
     Each visit starts a new pass over its task's data loader, seeded from ``(seed, round, task)``: the loader's own
     ``generator`` (as the bundles' ``DataLoader(shuffle=True, generator=...)``; worker processes derive their seeds
     from it) and, without workers, the random transforms of its dataset. A run resumed at a round boundary (the
-    bundles checkpoint every round) therefore draws the same batches in the same visits. ``engine.state.output``
+    bundles checkpoint every round) therefore draws the same batches in the same visits; a run resumed inside a visit
+    skips the batches the visit had already drawn. ``engine.state.output``
     holds ``task``, ``loss`` (the task's weighted loss), ``pred`` and ``label``, so MONAI's handlers work as with
     ``SupervisedTrainer``. The backbone's batch-norm statistics are shared too: they follow the task being trained.
 
@@ -192,6 +198,8 @@ class MultiTaskTrainer(StepTrainer):
         round_index = index // engine.schedule.steps_per_round
         if first_step or engine._visit != (round_index, task_name):  # also after a resume inside a visit
             engine._start_visit(task_name, round_index)
+            for _ in range(engine.schedule.visit_step(index)[1]):  # resumed inside a visit: skip what it trained on
+                next(engine._batches)
         task = engine.tasks[task_name]
         inputs, targets, *_ = task.prepare_batch(next(engine._batches), engine.state.device, engine.non_blocking,
                                                  **engine.to_kwargs)

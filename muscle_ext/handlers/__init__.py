@@ -13,7 +13,7 @@ from muscle_ext.handlers.checkpointing import (
 )
 from muscle_ext.handlers.evaluation import ClassificationReport, EvaluationReport, RegressionReport, SegmentationReport
 from muscle_ext.handlers.knn_monitor import KNNMonitor
-from muscle_ext.handlers.memorization import CrossTaskMemorization
+from muscle_ext.handlers.memorization import CrossTaskMemorization, EWCMemorization, FeatureDistillation
 from muscle_ext.handlers.metric_history import MetricHistory
 from muscle_ext.handlers.predictions import MaskColumns, PredictionSaver, ProbabilityColumns, ValueColumns
 from muscle_ext.handlers.privacy import (
@@ -47,6 +47,8 @@ __all__ = [
     "BestModelSaver",
     "ClassificationReport",
     "CrossTaskMemorization",
+    "EWCMemorization",
+    "FeatureDistillation",
     "EvaluationReport",
     "KNNMonitor",
     "KeyMetricState",
