@@ -252,3 +252,26 @@ def test_frozen_probes_separate_separable_features_and_leave_the_global_rng_alon
         assert scores.shape == (40, 2) and torch.allclose(scores.sum(1), torch.ones(40))
         assert roc_auc(query_y.numpy(), scores[:, 1].numpy()) > 0.95
     assert roc_auc(query_y.numpy(), knn_scores(train_x, 1 - train_y, query_x, 2, k=5)[:, 1].numpy()) < 0.05
+
+
+def test_continual_metrics_follow_their_definitions():
+    from muscle_ext.metrics.continual import continual_metrics
+
+    # three visits of tasks a, b, a; computed by hand from the definitions (Lopez-Paz & Ranzato 2017)
+    r = [[0.8, 0.5, 0.6],   # after visit 1 (a)
+         [0.7, 0.9, 0.65],  # after visit 2 (b)
+         [0.85, 0.6, 0.7]]  # after visit 3 (a)
+    out = continual_metrics(r, ["a", "b", "a"], ["a", "b", "c"], initial=[0.5, 0.5, 0.5])
+    a, b, c = (out["per_task"][t] for t in "abc")
+    assert a["bwt"] is None and a["after_own_last_visit"] == 0.85  # a was trained last
+    assert b["bwt"] == pytest.approx(0.6 - 0.9) and b["forgetting"] == pytest.approx(0.9 - 0.6)
+    assert a["forgetting"] == pytest.approx(0.8 - 0.85)  # better at the end than ever before
+    assert c["bwt"] is None and c["fwt"] is None and c["forgetting"] is None  # never trained
+    assert b["fwt"] == pytest.approx(0.5 - 0.5) and a["fwt"] is None  # a was visited first
+    assert out["average"] == pytest.approx((0.85 + 0.6 + 0.7) / 3) and out["bwt"] == pytest.approx(-0.3)
+    # an error metric (lower is better): positive forgetting still means worse
+    err = continual_metrics([[10.0, 5.0], [14.0, 4.0]], ["x", "y"], ["x", "y"], higher_is_better=False)
+    x = err["per_task"]["x"]
+    assert x["bwt"] == pytest.approx(-4.0) and x["forgetting"] == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="shape"):
+        continual_metrics([[1.0]], ["a", "b"], ["a"])
