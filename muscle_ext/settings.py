@@ -16,6 +16,7 @@ Kinds (a string; ``" or null"`` at the end also accepts ``None``):
 - ``flag``: a yes/no value as :func:`muscle_ext.flags.as_flag` reads it (``true``/``false``, ``yes``/``no``, ...);
 - ``names``: a non-empty list of distinct, non-empty strings (class names, task names);
 - ``ints``: a non-empty list of whole numbers; ``list``: any list; ``dict``: a mapping;
+- ``path``: a file or folder path (text; whether it exists is checked where it is needed);
 - ``one of a|b|c``: one of these strings.
 """
 
@@ -25,13 +26,14 @@ import logging
 import math
 import numbers
 import operator
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .flags import as_flag
 
-__all__ = ["SettingsError", "check_setting", "check_settings"]
+__all__ = ["SettingsError", "check_setting", "check_settings", "setting_problems"]
 
 _BOUND = re.compile(r"^(int|number)\s*(?:(>=|>|<=|<)\s*(-?\d+(?:\.\d*)?(?:e-?\d+)?))?$")
 _OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
@@ -162,6 +164,10 @@ def check_setting(name: str, value: Any, kind: str) -> str | None:
             return None
         return (f"{name} must be {_describe(base)}{or_null}, got {_shown(value)}; type it with quotes around each "
                 f"text item, e.g. --{name} \"{_list_literal(_names_from(value) or ['a', 'b'])}\"")
+    if base == "path":
+        if isinstance(value, (str, os.PathLike)) and str(value).strip():
+            return None
+        return f"{name} must be {_describe(base)}{or_null}, got {_shown(value)}; type it as e.g. --{name} /data/file.pt"
     if base == "dict":
         if isinstance(value, Mapping):
             return None
@@ -183,7 +189,24 @@ def _describe(base: str) -> str:
     if base.startswith("one of "):
         return "one of " + ", ".join(c.strip() for c in base[len("one of "):].split("|"))
     return {"fraction": "a number from 0 to 1", "flag": "true or false", "names": "a list of distinct names",
-            "ints": "a list of whole numbers", "list": "a list", "dict": "a mapping"}.get(base, base)
+            "ints": "a list of whole numbers", "list": "a list", "dict": "a mapping",
+            "path": "a file or folder path"}.get(base, base)
+
+
+def setting_problems(settings: Mapping[str, Sequence[Any]], source: str = "settings") -> list[str]:
+    """One line per mistyped setting of ``settings`` (``{name: (value, kind)}``; see :func:`check_settings`).
+
+    Raises:
+        ValueError: for an entry that is not a (value, kind) pair or an unknown kind (a config mistake).
+    """
+    problems = []
+    for name, entry in settings.items():
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[1], str):
+            raise ValueError(f"{source}: typed setting {name!r} must be [value, kind], got {entry!r}")
+        problem = check_setting(name, entry[0], entry[1])
+        if problem:
+            problems.append(problem)
+    return problems
 
 
 def check_settings(settings: Mapping[str, Sequence[Any]], source: str = "settings") -> None:
@@ -199,13 +222,7 @@ def check_settings(settings: Mapping[str, Sequence[Any]], source: str = "setting
         SettingsError: one line per mistyped setting, each showing how to type it on the command line.
         ValueError: for an entry that is not a (value, kind) pair or an unknown kind (a config mistake).
     """
-    problems = []
-    for name, entry in settings.items():
-        if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[1], str):
-            raise ValueError(f"{source}: typed setting {name!r} must be [value, kind], got {entry!r}")
-        problem = check_setting(name, entry[0], entry[1])
-        if problem:
-            problems.append(problem)
+    problems = setting_problems(settings, source)
     if problems:
         message = f"{source}: {len(problems)} setting(s) of the wrong type, nothing was run:\n" + "\n".join(
             f"  {p}" for p in problems)

@@ -157,9 +157,9 @@ def tiny(tmp: Path, datalist: Path, **extra) -> dict:
 
 
 def _no_tracking(tmp: Path) -> str:
-    # `tracking` cannot be overridden on the command line (`monai.bundle run` owns `--tracking`): a file can
+    # an added config file sets it as well as `--use_tracking false` would
     path = tmp / "no_tracking.yaml"
-    path.write_text("tracking: false\n")
+    path.write_text("use_tracking: false\n")
     return str(path)
 
 
@@ -179,7 +179,7 @@ def test_finetune_from_scratch_then_test_report(tmp_path, xray_root):
     datalist = _slice_datalist(xray_root, tmp_path)
     overrides = tiny(tmp_path, datalist, init="scratch")
     run_bundle("downstream", TRAIN, overrides)
-    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)["model"]
     assert any(k.startswith("network.feature_extractor.backbone.") for k in state)
     backbone = load_backbone_checkpoint(tmp_path / "models" / "backbone.pt")
     assert backbone["arch"] == "resnet18" and backbone["source"]["task"] == "detection"
@@ -200,7 +200,7 @@ def test_finetune_from_checkpoint_backbone_evaluate_and_infer(tmp_path, xray_roo
     overrides = tiny(tmp_path, datalist, init="checkpoint", init_weights=tmp_path / "pretrained.pt",
                      num_epochs=1, learning_rate=0.0, amp=False)
     run_bundle("downstream", configs, overrides)
-    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)["model"]
     prefix = "network.feature_extractor.backbone."
     for key, value in pretrained.state_dict().items():
         if "running" not in key and "num_batches" not in key:  # BatchNorm statistics follow the data
@@ -276,5 +276,6 @@ def test_configs_parse(extra):
 
     parser = ConfigParser()
     parser.read_config([str(BUNDLES / "downstream" / "configs" / c) for c in [*TRAIN, *extra]])
-    assert parser["class_names"] == CLASSES and parser["task"] == "detection" and parser["run"]
+    parser["from_model"] = {}  # evaluate/inference read it from models/model.pt: the defaults here
+    assert parser.get_parsed_content("class_names") == CLASSES and parser["task"] == "detection" and parser["run"]
     assert "$import muscle_ext.engines.detection" in parser["imports"]

@@ -161,17 +161,37 @@ def test_rerun_resumes_from_the_last_checkpoint(trained, tmp_path):
     root, settings = trained("regression")
     for name in ("out", "models"):
         shutil.copytree(root / name, tmp_path / name, ignore=shutil.ignore_patterns("mlruns*"))
-    first = torch.load(tmp_path / "out" / "checkpoints" / "checkpoint_epoch=1.pt", weights_only=True)
-    proc = run_bundle("downstream", configs("regression"),
-                      {**settings, "output_dir": tmp_path / "out", "model_dir": tmp_path / "models", "num_epochs": 2,
-                       "use_tracking": False})
-    assert "Restored all variables from" in proc.stdout and "checkpoint_final_iteration" in proc.stdout
-    final = torch.load(next((tmp_path / "out" / "checkpoints").glob("checkpoint_final_*.pt")), weights_only=True)
+    ckpts = tmp_path / "out" / "checkpoints"
+    (kept,) = ckpts.glob("*.pt")  # keep_checkpoints 1: the newest resumable state only (model.pt is elsewhere)
+    first = torch.load(kept, weights_only=True)
+    assert first["best"]["best_metric_epoch"] == 1 and kept.name == f"checkpoint_{first['trainer']['iteration']}.pt"
+    rerun = {**settings, "output_dir": tmp_path / "out", "model_dir": tmp_path / "models", "use_tracking": False}
+    proc = run_bundle("downstream", configs("regression"), {**rerun, "num_epochs": 2})
+    assert f"Restored all variables from {kept}" in proc.stdout
+    assert "continuing with epoch 2 of 2" in proc.stdout
+    (newest,) = ckpts.glob("*.pt")
+    final = torch.load(newest, weights_only=True)
     assert final["trainer"]["iteration"] == 2 * first["trainer"]["iteration"]  # one more epoch, not a fresh run
     # the best-model record survived the restart: epoch 2 replaced models/model.pt only if it was better
     best = final["best"]
     assert best["best_metric_epoch"] in (1, 2) and best["saver"]
     assert best["best_metric"] <= first["best"]["best_metric"] + 1e-6
+
+    # the same command again: the run is finished, and it says so (and how to extend it) before any data is read
+    again = run_bundle("downstream", configs("regression"), {**rerun, "num_epochs": 2, "dataset_dir": tmp_path / "no"})
+    assert f"training already finished at epoch 2 (checkpoint {newest}): nothing to do; to train longer, pass a " \
+           "larger --num_epochs" in again.stdout + again.stderr
+    assert sorted(p.name for p in ckpts.iterdir()) == [newest.name]  # nothing written
+    # a shorter schedule than the one the folder holds is refused, with both numbers and the fix
+    import subprocess
+
+    from tests.bundle_utils import bundle_command, bundle_env
+
+    shorter = subprocess.run(bundle_command("downstream", configs("regression"), {**rerun, "num_epochs": 1}),
+                             capture_output=True, text=True, timeout=300, env=bundle_env())
+    assert shorter.returncode != 0
+    assert "has trained 2 epochs" in shorter.stderr and "--num_epochs 1 is fewer" in shorter.stderr
+    assert "Traceback" not in shorter.stderr
 
 
 # ------------------------------------------------------------------------------------------------ initialisation
@@ -360,6 +380,7 @@ def test_inverted_masks_match_the_input_pixel_for_pixel(xray_root, tmp_path):
                        "include_patient_fields": include})
         parser["network"] = BrightRegionSegmenter()
         parser["handlers#0#_disabled_"] = True  # no model.pt to load
+        parser["from_model"] = {}  # nor its settings: the config's apply
         parser.parse()
         parser.get_parsed_content("evaluator").run()
         rows = _read_csv(out / "predictions.csv")
@@ -490,12 +511,12 @@ def test_torchscript_export_matches_the_eager_model(task, trained, tmp_path):
     root, settings = trained(task)
     files = [str(CONFIGS / f) for f in configs(task)]
     ts = tmp_path / "model.ts"
-    ckpt_export("network_def", filepath=str(ts), ckpt_file=str(root / "models" / "model.pt"),
+    ckpt_export("network_def", filepath=str(ts), ckpt_file=str(root / "models" / "model.pt"), key_in_ckpt="model",
                 meta_file=str(CONFIGS / "metadata.json"), config_file=files)
     parser = ConfigParser()
     parser.read_config(files)
     eager = parser.get_parsed_content("network_def")
-    eager.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    eager.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True)["model"])
     scripted = torch.jit.load(str(ts))
     x = torch.rand(2, 1, 64, 64)
     with torch.no_grad():

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import mean_absolute_error, recall_score, roc_auc_score
-from sklearn.metrics import roc_curve as sk_roc_curve
 
 from muscle_ext.metrics import (
     binary_classification_report,
@@ -50,17 +49,21 @@ def _reference_bootstrap(metric, y, s, n_resamples, alpha, seed, stratified):
     return np.quantile(stats, alpha / 2), np.quantile(stats, 1 - alpha / 2), len(stats)
 
 
-def test_roc_auc_matches_sklearn_with_ties():
+def test_roc_auc_is_the_mann_whitney_statistic_with_ties():
+    from scipy.stats import mannwhitneyu
+
     y, s = _binary_data()
     assert len(np.unique(s)) < 15  # ties present
-    assert roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    u = mannwhitneyu(s[y == 1], s[y == 0]).statistic  # independent: U counts ties as one half
+    assert roc_auc(y, s) == pytest.approx(u / ((y == 1).sum() * (y == 0).sum()), abs=1e-12)
     assert roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
     assert roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
     assert np.isnan(roc_auc([1, 1, 1], [0.1, 0.2, 0.3]))
-    fpr, tpr, _ = roc_curve(y, s)
-    sk_fpr, sk_tpr, _ = sk_roc_curve(y, s, drop_intermediate=False)
-    np.testing.assert_allclose(fpr, sk_fpr)
-    np.testing.assert_allclose(tpr, sk_tpr)
+    fpr, tpr, thresholds = roc_curve(y, s)
+    assert thresholds[0] == np.inf and (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
+    for f, t, h in zip(fpr[1:], tpr[1:], thresholds[1:], strict=True):  # each point, counted by hand
+        assert t == pytest.approx(np.mean(s[y == 1] >= h)) and f == pytest.approx(np.mean(s[y == 0] >= h))
+    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(y, s))
 
 
 @pytest.mark.parametrize("stratified", [True, False])

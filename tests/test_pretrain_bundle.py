@@ -23,13 +23,13 @@ def tiny(tmp: Path, xray_root: Path, **extra) -> dict:
     return {"dataset_dir": xray_root, "output_dir": tmp / "out", "model_dir": tmp / "models", "image_size": 32,
             "batch_size": 8, "num_epochs": 2, "warmup_epochs": 1, "queue_size": 40, "bn_splits": 2,
             "train#sampler#num_samples": 64, "cache": "none", "num_workers": 0, "ckpt_interval": 3,
-            "monitor_datalist": tmp / "none.json", "amp": "false", "channels_last": "false", "track": "false",
+            "monitor_datalist": tmp / "none.json", "amp": "false", "channels_last": "false", "use_tracking": "false",
             **extra}  # yes/no settings as users type them
 
 
 def test_pretrain_writes_a_backbone_from_pooled_real_xrays(tmp_path, xray_root):
     overrides = tiny(tmp_path, xray_root, monitor_datalist=xray_root / "pneumonia_nih" / "datalist.json",
-                     monitor_size=48, knn_interval=2, amp=True, channels_last=True, track=True)
+                     monitor_size=48, knn_interval=2, amp=True, channels_last=True, use_tracking=True)
     proc = run_bundle("muscle_pretrain", TRAIN, overrides)
     payload = load_backbone_checkpoint(tmp_path / "models" / "backbone.pt")
     assert payload["arch"] == "resnet18" and payload["source"]["iteration"] == 16
@@ -37,9 +37,11 @@ def test_pretrain_writes_a_backbone_from_pooled_real_xrays(tmp_path, xray_root):
 
 
 def _final_state(folder: Path) -> dict:
-    final = sorted(folder.glob("checkpoint_final_iteration=*.pt"))
-    assert len(final) == 1, sorted(p.name for p in folder.iterdir())
-    return torch.load(final[0], map_location="cpu", weights_only=True)
+    from muscle_ext.handlers import latest_checkpoint
+
+    kept = sorted(p.name for p in folder.glob("*.pt"))
+    assert len(kept) == 1, kept  # keep_checkpoints 1: the newest resumable state only
+    return torch.load(latest_checkpoint(folder), map_location="cpu", weights_only=True)
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, xray_root):
@@ -51,11 +53,11 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, xray_root):
     proc = subprocess.Popen(bundle_command("muscle_pretrain", TRAIN, overrides), env=bundle_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not list(ckpt_dir.glob("checkpoint_iteration=6.pt")) and proc.poll() is None and time.time() < deadline:
+    while not list(ckpt_dir.glob("checkpoint_6.pt")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)  # mid-epoch: 8 iterations per epoch
     proc.wait()
-    assert not list(ckpt_dir.glob("checkpoint_final*")), "the run finished before it could be killed"
+    assert not list(ckpt_dir.glob("checkpoint_16.pt")), "the run finished before it could be killed"
     resumed = run_bundle("muscle_pretrain", TRAIN, overrides)
     assert "resuming mid-epoch" in resumed.stdout
 
@@ -91,7 +93,7 @@ def test_pretrain_run_is_tracked_in_local_mlflow(tmp_path, xray_root):
     """The default store is a SQLite file in the run's output folder; the backbone and datalist hash arrive."""
     import mlflow
 
-    run_bundle("muscle_pretrain", TRAIN, tiny(tmp_path, xray_root, num_epochs=1, track=True))
+    run_bundle("muscle_pretrain", TRAIN, tiny(tmp_path, xray_root, num_epochs=1, use_tracking=True))
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlruns.db'}")
     experiment = client.get_experiment_by_name("muscle_pretrain")
     (run,) = client.search_runs([experiment.experiment_id])
@@ -120,7 +122,8 @@ def test_evaluate_and_inference_configs(tmp_path, xray_root):
     save_backbone(backbone, build_backbone("resnet18"), "resnet18", {"imagenet_stem": True}, {"bundle": "test"})
     common = {"dataset_dir": xray_root, "image_size": 32, "num_workers": 0}
     for init in ("checkpoint", "scratch"):
-        run_bundle("muscle_pretrain", ["evaluate.yaml"], {**common, "init": init, "backbone_path": backbone,
+        weights = {"backbone_path": backbone} if init == "checkpoint" else {}  # scratch reads none: refused there
+        run_bundle("muscle_pretrain", ["evaluate.yaml"], {**common, "init": init, **weights,
                                                           "output_dir": tmp_path / init, "n_resamples": 100})
         report = json.loads((tmp_path / init / "metrics.json").read_text())
         assert report["n_reference"] == 707 and report["n_query"] == 160 and report["init"] == init

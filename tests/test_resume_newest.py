@@ -135,49 +135,56 @@ def test_ties_unreadable_files_and_other_states(tmp_path, caplog):
 
 # -------------------------------------------------------------------------- the downstream bundle, end to end
 def test_downstream_rerun_after_a_kill_continues_with_the_next_epoch(tmp_path, xray_root):
-    """Run 1: 2 epochs, finished; run 2: longer, killed while writing epoch 4; run 3 continues after epoch 3."""
+    """Run 1: 2 epochs, finished; run 2: longer, killed while writing epoch 4; run 3 continues after epoch 3.
+
+    The bundle keeps one resumable state, written atomically (ResumableCheckpoint): a kill while writing leaves the
+    previous state intact next to a half-written temporary file. A truncated ``checkpoint_*.pt`` (what MONAI's
+    in-place CheckpointSaver left, which earlier versions of the bundle used) is skipped as well."""
     settings = tiny(tmp_path, xray_root, image_size=32, batch_size=2, max_items=8, use_tracking=False, amp=False,
                     n_bootstrap=10)  # 4 iterations per epoch
     ckpts = tmp_path / "out" / "checkpoints"
     run_bundle("downstream", configs("pneumonia"), {**settings, "num_epochs": 2}, timeout=300)
-    assert _state(ckpts / "checkpoint_final_iteration=8.pt")["iteration"] == 8
-    run_bundle("downstream", configs("pneumonia"), {**settings, "num_epochs": 4}, timeout=300)
-    # the folder a kill while writing epoch 4 leaves: no final checkpoint of run 2, a truncated epoch-4 file
-    (ckpts / "checkpoint_final_iteration=16.pt").unlink()
-    _truncate(ckpts / "checkpoint_epoch=4.pt")
-    assert _state(ckpts / "checkpoint_epoch=3.pt")["iteration"] == 12
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint_8.pt"]
+    assert _state(ckpts / "checkpoint_8.pt")["iteration"] == 8
+    run_bundle("downstream", configs("pneumonia"), {**settings, "num_epochs": 3}, timeout=300)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint_12.pt"]  # the resumed run replaced run 1's
+    # the folder a kill while writing epoch 4 leaves: the epoch-3 state, a half-written temporary file of the atomic
+    # saver, and (from an in-place saver) a truncated newer checkpoint
+    data = (ckpts / "checkpoint_12.pt").read_bytes()
+    (ckpts / "tmpk1ll3d").write_bytes(data[: len(data) // 2])
+    (ckpts / "checkpoint_16.pt").write_bytes(data[: len(data) // 2])
 
     proc = run_bundle("downstream", configs("pneumonia"), {**settings, "num_epochs": 5}, timeout=300)
     log = proc.stdout + proc.stderr
-    assert re.search(r"Restored all variables from \S*checkpoint_epoch=3\.pt", log), log[-3000:]
-    assert re.search(r"skipping unreadable checkpoint checkpoint_epoch=4\.pt", log)
+    assert re.search(r"Restored all variables from \S*checkpoint_12\.pt", log), log[-3000:]
+    assert re.search(r"skipping unreadable checkpoint checkpoint_16\.pt", log)
     trained = sorted({int(e) for e in re.findall(r"Epoch: (\d+)/5, Iter:", log)})
     assert trained == [4, 5]  # epoch 3 is not trained again
-    assert _state(ckpts / "checkpoint_final_iteration=20.pt")["iteration"] == 20
+    assert _state(ckpts / "checkpoint_20.pt")["iteration"] == 20
+    assert not (ckpts / "checkpoint_12.pt").exists()  # one state kept
 
 
 @pytest.mark.slow  # three bundle runs of ~20 s each here; test_continual_rounds covers the same folder by default
 def test_continual_rerun_after_a_kill_continues_with_the_next_round(tmp_path, xray_root):
-    """The same for the continual bundle, whose per-round files are ``checkpoint_epoch=<round>.pt``."""
+    """The same for the continual bundle (atomic ``checkpoint_<iteration>.pt`` files, one per round): a kill while
+    the round-4 state was being written leaves the round-3 state and a temporary file."""
     start = tmp_path / "md_moco" / "backbone.pt"
     torch.manual_seed(0)
     save_backbone(start, build_backbone("resnet18"), "resnet18", {"imagenet_stem": True}, source={"bundle": "test"})
     settings = {"dataset_dir": xray_root, "output_dir": tmp_path / "out", "model_dir": tmp_path / "models",
                 "init_weights": start, "image_size": 32, "batch_size": 4, "steps_per_visit": 1, "max_items": 8,
-                "num_workers": 0, "use_tracking": False, "amp": False}  # rounds of 3 iterations (one per task)
+                "num_workers": 0, "use_tracking": False, "amp": False, "keep_checkpoints": 2}  # rounds of 3 steps
     ckpts = tmp_path / "out" / "checkpoints"
     run_bundle("muscle_continual", ["train.yaml"], {**settings, "rounds": 2}, timeout=300)
     run_bundle("muscle_continual", ["train.yaml"], {**settings, "rounds": 4}, timeout=300)
-    (ckpts / "checkpoint_final_iteration=12.pt").unlink()
-    _truncate(ckpts / "checkpoint_epoch=4.pt")
-    assert _state(ckpts / "checkpoint_final_iteration=6.pt")["iteration"] == 6  # 6 > 3 in the names
-    assert _state(ckpts / "checkpoint_epoch=3.pt")["iteration"] == 9
+    assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint_12.pt", "checkpoint_9.pt"]
+    (ckpts / "checkpoint_12.pt").rename(ckpts / "tmpk1ll3d")  # the round-4 write never completed
 
     proc = run_bundle("muscle_continual", ["train.yaml"], {**settings, "rounds": 5}, timeout=300)
     log = proc.stdout + proc.stderr
-    assert re.search(r"Restored all variables from \S*checkpoint_epoch=3\.pt", log), log[-3000:]
+    assert re.search(r"Restored all variables from \S*checkpoint_9\.pt", log), log[-3000:]
     assert sorted({int(r) for r in re.findall(r"round (\d+): task \w+ \(", log)}) == [4, 5]  # not round 3 again
-    assert _state(ckpts / "checkpoint_final_iteration=15.pt")["iteration"] == 15
+    assert _state(latest_checkpoint(ckpts))["iteration"] == 15
 
 
 # --------------------------------------------------------------------------- RNG states mapped to another device
@@ -306,3 +313,19 @@ def test_resumable_checkpoint_interval_and_keep(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_10.pt", "checkpoint_9.pt"]
     with pytest.raises(ValueError, match="keep"):
         ResumableCheckpoint(tmp_path, {}, keep=0)
+
+
+def test_resumable_checkpoint_removes_the_state_a_killed_run_left(tmp_path):
+    from ignite.engine import Engine
+
+    from muscle_ext.handlers import ResumableCheckpoint
+
+    first = Engine(lambda e, b: None)
+    ResumableCheckpoint(tmp_path, {"trainer": first}, keep=1, interval=3, epoch_level=False).attach(first)
+    first.add_event_handler(Events.ITERATION_COMPLETED(once=4), lambda e: e.terminate())
+    first.run([0] * 5, max_epochs=2)  # stopped: checkpoint_3.pt (and the state at 4 on COMPLETED)
+    resumed = Engine(lambda e, b: None)
+    resumed.load_state_dict(torch.load(latest_checkpoint(tmp_path), weights_only=True))  # a lone object: saved flat
+    ResumableCheckpoint(tmp_path, {"trainer": resumed}, keep=1, interval=3, epoch_level=False).attach(resumed)
+    resumed.run([0] * 5, max_epochs=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_10.pt"]

@@ -96,7 +96,7 @@ def spare_server(tmp_path_factory, store_template):
 def pretrain(tmp_path_factory, spare_server, marked_datalist, mlflow_server) -> dict:
     """The pretrain bundle's train config (tiny: 1 epoch of 8 iterations), tracked through MLFLOW_TRACKING_URI."""
     root = tmp_path_factory.mktemp("pretrain")
-    overrides = pretrain_tiny(root, marked_datalist.parent, num_epochs=1, track=True)
+    overrides = pretrain_tiny(root, marked_datalist.parent, num_epochs=1, use_tracking=True)
     proc = run_bundle("muscle_pretrain", PRETRAIN, overrides, env={"MLFLOW_TRACKING_URI": mlflow_server.uri})
     return {"root": root, "backbone": root / "models" / "backbone.pt", "datalist": marked_datalist,
             "logs": proc.stdout + proc.stderr}
@@ -186,7 +186,7 @@ def test_server_stopped_mid_run_training_finishes(spare_server, xray_root, tmp_p
         server = spare_server.wait_ready()
     except RuntimeError as exc:
         pytest.fail(str(exc))
-    overrides = pretrain_tiny(tmp_path, xray_root, num_epochs=1, track=True)  # 8 iterations of 8 real PNGs
+    overrides = pretrain_tiny(tmp_path, xray_root, num_epochs=1, use_tracking=True)  # 8 iterations of 8 real PNGs
     ckpt_dir = tmp_path / "out" / "checkpoints"
     log = tmp_path / "run.log"
     env = bundle_env(extra={"MLFLOW_TRACKING_URI": server.uri})

@@ -189,7 +189,8 @@ def one_class_runs(tmp_path_factory, pneumonia) -> dict[str, Path]:
             assert '"label": 1.0' in datalist.read_text()
         proc = run_bundle("downstream", CLASSIFICATION, {
             "datalist": datalist, "output_dir": root / "out", "model_dir": root / "models", "image_size": 32,
-            "batch_size": 8, "num_epochs": 2, "num_workers": 0, "use_tracking": "false", "log_models": "false"})
+            "batch_size": 8, "num_epochs": 2, "num_workers": 0, "use_tracking": "false", "log_models": "false",
+            "keep_checkpoints": 2})  # both epochs' states, to compare models/model.pt with
         (root / "train.log").write_text(proc.stdout + proc.stderr)
         roots[kind] = root
     return roots
@@ -216,7 +217,8 @@ def test_one_class_validation_warns_and_keeps_the_last_epoch(one_class_runs):
     assert ("val_auc is undefined (NaN) at epoch 2: model.pt holds the model of epoch 2; no epoch so far had a "
             "defined val_auc, so the last epoch's model is kept") in log
     kept = _model(root / "models" / "model.pt")
-    epoch = {e: _model(root / "out" / "checkpoints" / f"checkpoint_epoch={e}.pt") for e in (1, 2)}
+    # 16 items, batch 8: 2 iterations per epoch (ResumableCheckpoint names states by iteration)
+    epoch = {e: _model(root / "out" / "checkpoints" / f"checkpoint_{2 * e}.pt") for e in (1, 2)}
     assert all(torch.equal(kept[k], v) for k, v in epoch[2].items())
     assert not all(torch.equal(kept[k], v) for k, v in epoch[1].items())
     assert load_backbone_checkpoint(root / "models" / "backbone.pt")["source"]["epoch"] == 2

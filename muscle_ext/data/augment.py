@@ -36,7 +36,8 @@ from monai.transforms import (
 )
 from monai.utils import ensure_tuple, ensure_tuple_rep
 
-__all__ = ["MetaFreeCompose", "RandResizedCropd", "TwoViewd", "moco_two_view_transforms", "moco_view_augmentations"]
+__all__ = ["MetaFreeCompose", "RandResizedCropd", "TwoViewd", "mild_augmentation", "moco_two_view_transforms",
+           "moco_view_augmentations"]
 
 
 class TwoViewd(CopyItemsd):
@@ -219,3 +220,26 @@ def moco_two_view_transforms(
     for view in views:
         chain += moco_view_augmentations(view, size, flip_lr, **augment_kwargs)
     return chain if track_meta else [MetaFreeCompose(chain)]
+
+
+def mild_augmentation(image_key: str = "image", mask_keys: KeysCollection = (), size: float = 224,
+                      flip_prob: float = 0.0) -> list:
+    """The downstream fine-tuning augmentation (ours): mild geometry and contrast changes of a pre-processed
+    ``(C, H, W)`` image in [0, 1], with its masks following the geometry.
+
+    - ``RandAffined`` (p 0.5): rotation up to 0.1 rad, scale +-10 %, translation up to 5 % of ``size`` pixels, zero
+      padding; bilinear for the image, nearest for ``mask_keys``;
+    - ``RandFlipd`` (p ``flip_prob``) left-right (columns); 0 by default: chest X-rays keep their laterality;
+    - ``RandAdjustContrastd`` (p 0.3, gamma 0.8-1.25) of the image only.
+
+    Put the list in one ``Compose`` after the pre-processing: it gives each random transform its own seed.
+    """
+    masks = list(ensure_tuple(mask_keys)) if mask_keys else []
+    keys = [image_key, *masks]
+    geometry: dict[str, Any] = {"mode": ["bilinear"] + ["nearest"] * len(masks)} if masks else {}
+    return [
+        RandAffined(keys=keys, prob=0.5, rotate_range=0.1, scale_range=0.1, translate_range=0.05 * size,
+                    padding_mode="zeros", **geometry),
+        RandFlipd(keys=keys, prob=flip_prob, spatial_axis=1),
+        RandAdjustContrastd(keys=image_key, prob=0.3, gamma=[0.8, 1.25]),
+    ]

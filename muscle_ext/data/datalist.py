@@ -30,6 +30,7 @@ __all__ = [
     "datalist_from_csv",
     "datalist_from_dicom_tree",
     "datalist_from_folder",
+    "datalist_section",
     "is_dicomdir",
     "load_datalist",
     "screen_inputs",
@@ -277,7 +278,7 @@ def screen_inputs(items: Iterable[Mapping], root: str | os.PathLike | None = Non
     if report.issues and on_error == "raise":
         error = DatalistError(report, source)
         error.args = (f"{source}: {report.summary()}\nRemove or fix these files, or leave them out with "
-                      "on_error='skip' (bundles: --on_bad_data skip).",)
+                      "--on_bad_data skip (in Python: on_error='skip').",)
         raise error
 
     bad = report.bad_indices
@@ -325,6 +326,24 @@ def subset(items: Sequence[Mapping], max_items: int | None = None) -> list[dict]
     return [items[i] for i in index]
 
 
+def datalist_section(path: str | os.PathLike, section: str = "training", max_items: int | None = None,
+                     on_error: str = "raise", **checks: Any) -> list[dict]:
+    """One datalist section as a training or evaluation run uses it: loaded (:func:`load_datalist`), cut to at most
+    ``max_items`` evenly spaced entries (:func:`subset`) and checked (:func:`validate_datalist`, problems named with
+    the section). ``checks`` are :func:`validate_datalist`'s keywords: ``classes=[0, 1]`` (class indices),
+    ``numeric_labels=True`` (a measurement), ``mask_key="label"`` (segmentation masks), ...
+
+    In a bundle config: ``$muscle_ext.data.datalist_section(@datalist, 'training', @max_items,
+    on_error=@on_bad_data, **@datalist_checks)``.
+
+    Raises:
+        DatalistError: with every problem, when ``on_error="raise"`` and an entry is unusable.
+        ValueError: for an unknown ``on_error``; ``FileNotFoundError`` / ``KeyError`` as :func:`load_datalist`.
+    """
+    checks.setdefault("source", section)
+    return validate_datalist(subset(load_datalist(path, section), max_items), on_error=on_error, **checks)
+
+
 @dataclass(frozen=True)
 class DatalistIssue:
     index: int
@@ -355,7 +374,8 @@ class DatalistError(ValueError):
 
     def __init__(self, report: ValidationReport, source: str = "datalist") -> None:
         self.report = report
-        super().__init__(f"{source}: {report.summary()}\nFix these entries, or pass on_error='skip' to leave them out.")
+        super().__init__(f"{source}: {report.summary()}\nFix these entries, or leave them out with --on_bad_data skip "
+                         "(in Python: on_error='skip').")
 
 
 def _check_boxes(boxes: Any, labels: Any, shape: tuple[int, ...]) -> str | None:

@@ -6,6 +6,7 @@ from .inferers import AutocastInferer
 from .moco_trainer import ACC_TOP1, MoCoTrainer, PrepareTwoViews, unwrap_moco
 from .precision import autocast_on, bf16_is_fast, needs_grad_scaler
 from .schedules import cosine_with_warmup, cosine_with_warmup_factor
+from .task_specs import TaskSet, TaskSpec, TaskValidation, parse_task_specs, spec_table
 from .trainer import StepTrainer
 
 __all__ = [
@@ -18,11 +19,16 @@ __all__ = [
     "SupervisedTask",
     "TaskEvents",
     "TaskSchedule",
+    "TaskSet",
+    "TaskSpec",
+    "TaskValidation",
     "autocast_on",
     "bf16_is_fast",
     "cosine_with_warmup",
     "cosine_with_warmup_factor",
     "needs_grad_scaler",
+    "parse_task_specs",
+    "spec_table",
     "task_loss",
     "unwrap_moco",
 ]

@@ -9,7 +9,9 @@ from muscle_ext.handlers.checkpointing import (
     ResumableCheckpoint,
     ResumeDataPosition,
     RNGStates,
+    RunFinished,
     latest_checkpoint,
+    resume_checkpoint,
 )
 from muscle_ext.handlers.evaluation import ClassificationReport, EvaluationReport, RegressionReport, SegmentationReport
 from muscle_ext.handlers.knn_monitor import KNNMonitor
@@ -62,7 +64,9 @@ __all__ = [
     "RNGStates",
     "ResumableCheckpoint",
     "ResumeDataPosition",
+    "RunFinished",
     "latest_checkpoint",
+    "resume_checkpoint",
     "TRACKING_SETTINGS_PATH",
     "InputSummaryRedactor",
     "PrivacyFilter",

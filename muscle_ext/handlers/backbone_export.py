@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ from ignite.engine import Engine, Events
 from torch import nn
 
 from ..networks.backbone import save_backbone
+from ..networks.model_settings import plain_settings
 
 __all__ = ["BackboneExporter"]
 
@@ -24,6 +25,8 @@ class BackboneExporter:
         arch, backbone_kwargs: how to rebuild it (``build_backbone(arch, **backbone_kwargs)``).
         source: provenance stored in the file (bundle name); the epoch, iteration and the MLflow run id (when an
             active run exists) are added at save time.
+        settings: what evaluation and inference need to know about the training (the bundle's ``model_settings``:
+            image size, input normalisation, pre-processing, ...), stored under ``settings`` as plain values.
         interval: also save every ``interval`` epochs (0: only at the end).
         on_best_metric: attach to a validator instead, and save after each validation round that improved its key
             metric (the round in which ``CheckpointSaver(save_key_metric=True)`` writes the best model), so that the
@@ -32,12 +35,14 @@ class BackboneExporter:
 
     def __init__(self, path: str | Path, backbone: nn.Module | Callable[[], nn.Module], arch: str,
                  backbone_kwargs: dict | None = None, source: dict | None = None, interval: int = 0,
-                 on_best_metric: bool = False) -> None:
+                 on_best_metric: bool = False, settings: Mapping[str, Any] | None = None) -> None:
         self.path = Path(path)
         self.backbone = backbone
         self.arch = arch
         self.backbone_kwargs = dict(backbone_kwargs or {})
         self.source = dict(source or {})
+        # plain values now: a setting that a file cannot hold stops the run before training, not at its end
+        self.settings = None if settings is None else plain_settings(dict(settings), "model_settings")
         self.interval = int(interval)
         self.on_best_metric = bool(on_best_metric)
         self.sha256: str | None = None
@@ -63,7 +68,7 @@ class BackboneExporter:
         run_id = _active_mlflow_run_id()
         if run_id:
             source["mlflow_run_id"] = run_id
-        self.sha256 = save_backbone(self.path, module, self.arch, self.backbone_kwargs, source)
+        self.sha256 = save_backbone(self.path, module, self.arch, self.backbone_kwargs, source, self.settings)
         engine.state.backbone_sha256 = self.sha256
         self.logger.info(f"backbone saved: {self.path.name} (sha256 {self.sha256[:12]}, epoch {engine.state.epoch})")
 

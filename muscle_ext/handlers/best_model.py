@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointSaver
+
+from ..networks.model_settings import SettingsRecord
 
 __all__ = ["BestModelSaver", "is_undefined", "undefined_aware"]
 
@@ -58,15 +60,25 @@ class BestModelSaver(CheckpointSaver):
     model, ``BackboneExporter(on_best_metric=True)`` and the best metric in the logs always name the same epoch.
     Plain MONAI instead keeps a NaN first epoch for the whole run (NaN compares false with everything).
 
-    Takes CheckpointSaver's arguments; ``save_key_metric`` must be true.
+    Takes CheckpointSaver's arguments; ``save_key_metric`` must be true. ``settings`` (the bundle's
+    ``model_settings``: image size, input normalisation, class names, task, arch, head settings, ...) makes the file
+    self-describing: it is then ``{"model": <state dict>, "settings": {"format": "muscle-model/1", ...}}`` (plain
+    values, ``torch.load(weights_only=True)``), which ``CheckpointLoader(load_dict={"model": network})`` still loads;
+    without ``settings`` it is the bare state dict, as before (see :mod:`muscle_ext.networks.model_settings`).
 
     Raises:
         ValueError: without ``save_key_metric=True``, or when attached to an engine that is not a MONAI workflow
             with a key metric (no ``metric_cmp_fn``).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, save_dir: str, save_dict: dict, *args: Any, settings: Mapping[str, Any] | None = None,
+                 **kwargs: Any) -> None:
+        self.settings: dict[str, Any] | None = None
+        if settings is not None:  # converted to plain values now: a bad entry stops the run before training
+            record = SettingsRecord(settings)
+            save_dict = {**save_dict, "settings": record}
+            self.settings = record.settings
+        super().__init__(save_dir, save_dict, *args, **kwargs)
         if self._key_metric_checkpoint is None:
             raise ValueError("BestModelSaver saves the best model: set save_key_metric=True")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,7 +15,10 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 
-__all__ = ["KeyMetricState", "RNGStates", "ResumableCheckpoint", "ResumeDataPosition", "latest_checkpoint"]
+from ..settings import SettingsError
+
+__all__ = ["KeyMetricState", "RNGStates", "ResumableCheckpoint", "ResumeDataPosition", "RunFinished",
+           "latest_checkpoint", "resume_checkpoint"]
 
 _log = logging.getLogger(__name__)
 
@@ -68,13 +72,63 @@ def latest_checkpoint(folder: str | Path, prefix: str = "checkpoint", key: str =
             _log.warning(f"skipping unreadable checkpoint {path.name} (interrupted while saving?): "
                          f"{type(exc).__name__}: {str(exc)[:200]}")
             continue
-        iteration = _progress(payload.get(key)) if isinstance(payload, Mapping) else None
+        # Ignite saves a lone object's state flat: then the file is the trainer's state itself
+        iteration = (_progress(payload.get(key)) if key in payload else _progress(payload)) \
+            if isinstance(payload, Mapping) else None
         del payload  # drop the memory map before the next file
         if iteration is None:
             _log.warning(f"skipping checkpoint {path.name}: it holds no trainer state under {key!r}")
             continue
         candidates.append((iteration, mtime, str(path)))
     return max(candidates)[2] if candidates else None
+
+
+class RunFinished(SystemExit):
+    """Raised by :func:`resume_checkpoint` when the run in ``ckpt_dir`` has trained its ``num_epochs`` already: the
+    process ends with status 0 after saying so (a ``SystemExit``, so no traceback and no "Failed to evaluate")."""
+
+
+def resume_checkpoint(folder: str | Path, num_epochs: int, setting: str = "num_epochs",
+                      unit: str = "epoch") -> str | None:
+    """The checkpoint a (re)run continues from: :func:`latest_checkpoint` of ``folder``, or ``None`` for a fresh run.
+
+    A rerun into a finished output folder does not end silently: when the newest checkpoint has trained
+    ``num_epochs`` epochs already, this logs ``training already finished at epoch 30 (checkpoint ...): nothing to
+    do; to train longer, pass a larger --num_epochs ...`` and raises :class:`RunFinished` (exit status 0), before
+    any data is read. A checkpoint further along than ``num_epochs`` (a shorter schedule than the one it was trained
+    with) raises :class:`~muscle_ext.settings.SettingsError` naming both, where MONAI's ``CheckpointLoader`` would
+    stop only after every data file was decoded. Otherwise the resume point is logged and its path returned.
+
+    Args:
+        folder: the checkpoint folder (``ckpt_dir``).
+        num_epochs: the schedule's length this run asks for (``--num_epochs``).
+        setting, unit: the override and what one step of the schedule is called, for the messages.
+    """
+    path = latest_checkpoint(folder)
+    if path is None:
+        return None
+    payload = _load_cheaply(Path(path))
+    state = payload.get("trainer", payload)  # as latest_checkpoint reads it (a lone trainer is saved flat)
+    iteration = _progress(state)
+    epoch_length = state.get("epoch_length") if isinstance(state, Mapping) else None
+    del state, payload
+    if not epoch_length:  # an engine state without its epoch length: let the loader decide
+        return path
+    done, num_epochs = int(iteration) // int(epoch_length), int(num_epochs)
+    if done > num_epochs:
+        raise SettingsError(
+            f"the run in {folder} has trained {done} {unit}s (checkpoint {Path(path).name}); --{setting} {num_epochs} "
+            f"is fewer: to train longer, pass --{setting} {done + 1} or more; for a new run, give another "
+            f"--output_dir")
+    if done == num_epochs:
+        message = (f"training already finished at {unit} {done} (checkpoint {path}): nothing to do; to train longer, "
+                   f"pass a larger --{setting} (e.g. --{setting} {2 * done}), or another --output_dir for a new run")
+        _log.warning(message)
+        raise RunFinished(0)
+    mid = int(iteration) % int(epoch_length)
+    where = f"{unit} {done + 1}, iteration {mid + 1}" if mid else f"{unit} {done + 1}"
+    _log.info(f"resuming from {Path(path).name}: continuing with {where} of {num_epochs}")
+    return path
 
 
 def _on_cpu(value: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -127,6 +181,15 @@ class ResumableCheckpoint:
         if saved is not None and Path(str(saved)).name == f"checkpoint_{engine.state.iteration}.pt":
             return  # COMPLETED right after the interval's save: the same state
         self.checkpoint(engine)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Ignite counts only the files this run saved: states an interrupted earlier run left (the one this run
+        resumed from) go too, once ``keep`` newer complete ones exist."""
+        numbered = sorted(((int(m.group(1)), p) for p in self.save_dir.glob("checkpoint_*.pt")
+                           if (m := re.fullmatch(r"checkpoint_(\d+)\.pt", p.name))), reverse=True)
+        for _, path in numbered[self.keep:]:
+            path.unlink(missing_ok=True)
 
 
 class RNGStates:
@@ -217,15 +280,21 @@ class KeyMetricState:
         return getattr(self.saver, "_key_metric_checkpoint", None) if self.saver is not None else None
 
     def state_dict(self) -> dict[str, Any]:
+        """``{"best_metric", "best_metric_epoch", "saver"}``; both best values are ``None`` (not MONAI's ``-1``
+        placeholders) while no validation has recorded a best epoch yet."""
         state = self.evaluator.state
         # ignite's record: {key: [(priority, filename), ...]} (the key is "_saved" in ignite 0.5)
         record = self._checkpoint().state_dict() if self._checkpoint() is not None else {}
-        return {"best_metric": float(getattr(state, "best_metric", -1)),
-                "best_metric_epoch": int(getattr(state, "best_metric_epoch", -1)),
+        epoch = getattr(state, "best_metric_epoch", -1)
+        validated = epoch is not None and int(epoch) >= 0
+        return {"best_metric": float(state.best_metric) if validated else None,
+                "best_metric_epoch": int(epoch) if validated else None,
                 "saver": {k: [[float(p), str(f)] for p, f in v] for k, v in record.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.evaluator.state.best_metric = float(state_dict["best_metric"])
-        self.evaluator.state.best_metric_epoch = int(state_dict["best_metric_epoch"])
+        # MONAI's workflows mark "no best yet" with -1 (files written before recorded -1 too)
+        best, epoch = state_dict.get("best_metric"), state_dict.get("best_metric_epoch")
+        self.evaluator.state.best_metric = -1 if best is None else float(best)
+        self.evaluator.state.best_metric_epoch = -1 if epoch is None else int(epoch)
         if self._checkpoint() is not None and state_dict.get("saver"):
             self._checkpoint().load_state_dict({k: [tuple(i) for i in v] for k, v in state_dict["saver"].items()})

@@ -243,9 +243,18 @@ class FeatureDistillation(_Memorization):
     def has_anchor(self) -> bool:
         return self.reference is not None
 
+    def _frozen_copy(self) -> nn.Module:
+        """A copy of the backbone without this handler's hooks (they must see the training forward only)."""
+        self._inputs = self._features = None
+        reference = copy.deepcopy(self.module(), memo={id(self): self})
+        for module in reference.modules():
+            module._forward_hooks.clear()
+            module._forward_pre_hooks.clear()
+        return reference.eval().requires_grad_(False)
+
     def visit_started(self, engine: Engine, fresh: bool) -> None:
         if fresh:
-            self.reference = copy.deepcopy(self.module()).eval().requires_grad_(False)
+            self.reference = self._frozen_copy()
 
     def penalty(self, engine: Engine | None = None) -> torch.Tensor | None:
         if self.reference is None or self._inputs is None or self._features is None:
@@ -257,9 +266,10 @@ class FeatureDistillation(_Memorization):
         return penalty
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reference": self.reference.state_dict() if self.reference is not None else {}}
+        reference = self.reference.state_dict() if self.reference is not None else {}
+        return {"reference": {name: t.as_subclass(torch.Tensor) for name, t in reference.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["reference"]:
-            self.reference = copy.deepcopy(self.module()).eval().requires_grad_(False)
+            self.reference = self._frozen_copy()
             self.reference.load_state_dict(state["reference"])

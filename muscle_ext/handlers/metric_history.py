@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,18 @@ class MetricHistory:
     """Record the metrics of one or more validators after each of their runs, keyed by the trainer's epoch (a
     validator run by MONAI's ``ValidationHandler`` ends at the trainer's epoch), and write them to ``path`` as JSON:
     ``{"rounds": {epoch: {metric: value}}, "summary": {metric: {"best", "best_round", "final", "forgetting"}}}``.
-    ``forgetting`` is best minus final for metrics where higher is better (all of ours: AUC, Dice).
+    ``forgetting`` is how much worse the final value is than the best: best minus final where higher is better (AUC,
+    Dice), final minus best for the metrics named in ``lower_is_better`` (e.g. a regression task's MAE), whose best
+    is their lowest value.
 
     Attach it to every validator (``attach``) and to the trainer (``attach_trainer``, writes at each epoch end and
     when training completes). Checkpointable (``state_dict`` / ``load_state_dict``, plain numbers), so that a resumed
     run keeps the rounds before the interruption.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, lower_is_better: Sequence[str] = ()) -> None:
         self.path = Path(path)
+        self.lower_is_better = set(lower_is_better)
         self.rounds: dict[int, dict[str, float]] = {}
 
     def attach(self, validator: Engine) -> None:
@@ -46,9 +50,11 @@ class MetricHistory:
             series = [(r, m[name]) for r, m in sorted(self.rounds.items()) if name in m and not math.isnan(m[name])]
             if not series:
                 continue
-            best_round, best = max(series, key=lambda rv: rv[1])
+            lower = name in self.lower_is_better
+            best_round, best = (min if lower else max)(series, key=lambda rv: rv[1])
             final = series[-1][1]
-            out[name] = {"best": best, "best_round": best_round, "final": final, "forgetting": best - final}
+            out[name] = {"best": best, "best_round": best_round, "final": final,
+                         "forgetting": final - best if lower else best - final}
         return out
 
     def write(self, engine: Engine | None = None) -> Path:

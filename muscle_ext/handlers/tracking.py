@@ -628,10 +628,15 @@ class TrackingHandler(MLFlowHandler):
             "final_metrics": dict(_scalars(state.metrics or {})),
             "last_logged": {k: v[-1][1] for k, v in self._run.history.items()},
         }
-        for attr in ("best_metric", "best_metric_epoch"):
-            value = getattr(state, attr, None)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                summary[attr] = value
+        # MONAI's engines hold best_metric = best_metric_epoch = -1 until a key metric improved (a trainer without
+        # its own key metric, a run without validation): that is "none", not a score of -1
+        epoch = getattr(state, "best_metric_epoch", None)
+        best = getattr(state, "best_metric", None)
+        recorded = isinstance(epoch, int) and epoch >= 0 and isinstance(best, (int, float))
+        summary["best_metric"] = best if recorded and math.isfinite(best) else None
+        summary["best_metric_epoch"] = epoch if recorded else None
+        if not recorded:
+            summary["best_metric_note"] = "no key metric on this engine (no validation, or validated by another)"
         return summary
 
     def _plot_history(self) -> None:
@@ -758,7 +763,7 @@ def track_report(report: Mapping[str, Any], output_dir: str | os.PathLike | None
     :class:`TrackingHandler` as the engines: the scalars of ``report`` become metrics, ``artifacts`` are uploaded,
     the config, versions, datalist hashes and lineage of ``parent_checkpoint`` are logged under the same privacy
     rule, and an unreachable store only warns. Returns the run id (``None`` when disabled or not logged)."""
-    if not as_flag(enabled, "track"):
+    if not as_flag(enabled, "use_tracking"):
         return None
     engine = Engine(lambda engine, batch: None)
     handler = TrackingHandler(output_dir=output_dir, tracking_uri=tracking_uri, experiment_name=experiment_name,

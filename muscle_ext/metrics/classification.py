@@ -1,13 +1,16 @@
 """Classification and regression summaries with bootstrap intervals (the paper's Acc/Sen/Spe/AUC (95% CI)).
 
-Plain numpy on purpose: ROC AUC is the Mann-Whitney statistic with mid-ranks for ties (identical to
-``sklearn.metrics.roc_auc_score``), so scikit-learn stays a test-only dependency.
+ROC AUC, the ROC curve and the confusion matrix are scikit-learn's (``sklearn.metrics``), ranks scipy's; this module
+adds the conventions of our reports (NaN where a metric is undefined, the positive class as column 1) and the
+bootstrap intervals.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy.stats import rankdata
+from sklearn import metrics as skm
 
 from muscle_ext.metrics.bootstrap import bootstrap_ci, ci_dict
 
@@ -29,43 +32,36 @@ __all__ = [
 
 def average_ranks(values: ArrayLike) -> np.ndarray:
     """1-based ranks with ties given their mean rank (``scipy.stats.rankdata(method="average")``)."""
-    values = np.asarray(values).ravel()
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)  # rank of the last member of each tie group
-    return (ends - (counts - 1) / 2.0)[inverse]
+    return rankdata(np.asarray(values).ravel(), method="average")
+
+
+def _binary(y_true: ArrayLike) -> np.ndarray:
+    return np.asarray(y_true).ravel().astype(bool)
 
 
 def roc_auc(y_true: ArrayLike, y_score: ArrayLike) -> float:
-    """Area under the ROC curve: P(score_pos > score_neg) + 0.5 P(tie). NaN when only one class is present."""
-    y_true = np.asarray(y_true).ravel().astype(bool)
-    n_pos = int(y_true.sum())
-    n_neg = y_true.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    """Area under the ROC curve (``sklearn.metrics.roc_auc_score``): P(score_pos > score_neg) + 0.5 P(tie).
+    NaN when only one class is present (scikit-learn raises there)."""
+    y_true = _binary(y_true)
+    if y_true.all() or not y_true.any():
         return float("nan")
-    rank_sum = average_ranks(y_score)[y_true].sum()
-    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(skm.roc_auc_score(y_true, np.asarray(y_score, dtype=float).ravel()))
 
 
 def roc_curve(y_true: ArrayLike, y_score: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """False-positive rates, true-positive rates and thresholds (descending), starting at (0, 0) with ``inf``."""
-    y_true = np.asarray(y_true).ravel().astype(bool)
-    y_score = np.asarray(y_score, dtype=float).ravel()
-    order = np.argsort(-y_score, kind="mergesort")
-    y_true, y_score = y_true[order], y_score[order]
-    last_of_ties = np.r_[np.flatnonzero(np.diff(y_score)), y_true.size - 1]
-    tps = np.cumsum(y_true)[last_of_ties]
-    fps = (last_of_ties + 1) - tps
-    tpr = np.r_[0.0, tps / max(tps[-1], 1)]
-    fpr = np.r_[0.0, fps / max(fps[-1], 1)]
-    return fpr, tpr, np.r_[np.inf, y_score[last_of_ties]]
+    """False-positive rates, true-positive rates and thresholds (descending), starting at (0, 0) with ``inf``:
+    ``sklearn.metrics.roc_curve`` with every threshold kept. Needs both classes (ValueError otherwise)."""
+    y_true = _binary(y_true)
+    if y_true.all() or not y_true.any():
+        raise ValueError("a ROC curve needs positive and negative cases")
+    fpr, tpr, thresholds = skm.roc_curve(y_true, np.asarray(y_score, dtype=float).ravel(), drop_intermediate=False)
+    return fpr, tpr, thresholds
 
 
 def confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike) -> np.ndarray:
-    """Binary confusion matrix ``[[TN, FP], [FN, TP]]`` (rows: truth, columns: prediction), as sklearn."""
-    y_true = np.asarray(y_true).ravel().astype(bool)
-    y_pred = np.asarray(y_pred).ravel().astype(bool)
-    return np.array([[np.sum(~y_true & ~y_pred), np.sum(~y_true & y_pred)],
-                     [np.sum(y_true & ~y_pred), np.sum(y_true & y_pred)]], dtype=np.int64)
+    """Binary confusion matrix ``[[TN, FP], [FN, TP]]`` (rows: truth, columns: prediction),
+    ``sklearn.metrics.confusion_matrix`` with both labels always present."""
+    return skm.confusion_matrix(_binary(y_true), _binary(y_pred), labels=[False, True]).astype(np.int64)
 
 
 def accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:

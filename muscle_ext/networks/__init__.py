@@ -20,10 +20,30 @@ from .moco import (
     random_permutation,
     revert_split_batchnorm,
 )
+from .model_settings import (
+    MODEL_FORMAT,
+    ModelSettingsError,
+    TrainedSettings,
+    check_model_settings,
+    describe_preprocessing,
+    describe_weights,
+    load_model_file,
+    read_backbone_settings,
+    read_model_settings,
+)
 
 __all__ = [
     "INIT_KINDS",
     "initialize_backbone",
+    "MODEL_FORMAT",
+    "ModelSettingsError",
+    "TrainedSettings",
+    "check_model_settings",
+    "describe_preprocessing",
+    "describe_weights",
+    "load_model_file",
+    "read_backbone_settings",
+    "read_model_settings",
     "BACKBONE_FORMAT",
     "RESNET_LAYERS",
     "MoCo",

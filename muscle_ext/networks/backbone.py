@@ -84,13 +84,21 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def save_backbone(path: str | os.PathLike, backbone: nn.Module, arch: str, backbone_kwargs: dict | None = None,
-                  source: dict | None = None) -> str:
-    """Write a backbone checkpoint in the documented format; returns its SHA-256 (for lineage)."""
+                  source: dict | None = None, settings: dict | None = None) -> str:
+    """Write a backbone checkpoint in the documented format; returns its SHA-256 (for lineage).
+
+    ``settings``: what evaluation and inference need to know about its training (image size, input normalisation,
+    pre-processing, ...; see :mod:`muscle_ext.networks.model_settings`), stored as plain values under ``settings``.
+    """
+    from .model_settings import plain_settings
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in backbone.state_dict().items()}
     payload = {"format": BACKBONE_FORMAT, "arch": arch, "backbone_kwargs": dict(backbone_kwargs or {}),
                "state_dict": state, "source": dict(source or {})}
+    if settings is not None:
+        payload["settings"] = plain_settings(dict(settings), "settings")
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
         torch.save(payload, tmp)

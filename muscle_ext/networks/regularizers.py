@@ -25,7 +25,7 @@ def named_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
 
 def snapshot(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached copies of ``params``: an anchor."""
-    return {name: p.detach().clone() for name, p in params.items()}
+    return {name: p.detach().clone().as_subclass(torch.Tensor) for name, p in params.items()}
 
 
 def _matched(params: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor], what: str) -> None:
@@ -79,8 +79,8 @@ def diagonal_fisher(params: Mapping[str, nn.Parameter], loss_of_batch: Callable[
     for batch in batches:
         grads = torch.autograd.grad(loss_of_batch(batch), list(params.values()), allow_unused=True)
         for (name, _), grad in zip(params.items(), grads, strict=True):
-            if grad is not None:
-                fisher[name] += grad.detach() ** 2
+            if grad is not None:  # a plain tensor: MONAI's MetaTensor inputs make MetaTensor gradients
+                fisher[name] += grad.detach().as_subclass(torch.Tensor) ** 2
         count += 1
     if count == 0:
         raise ValueError("no batches to estimate the Fisher information from")
