@@ -51,6 +51,13 @@ def test_continual_rounds_resume_and_export(tmp_path, xray_root, start):
     assert all(set(m) == {"pneumonia_auc", "knee_auc", "lung_dice"} for m in metrics["rounds"].values())
     assert set(metrics["summary"]) == {"pneumonia_auc", "knee_auc", "lung_dice"}
 
+    # R[visit, task]: every task validated after every visit, with its summaries
+    matrix = json.loads((tmp_path / "out" / "forgetting.json").read_text())
+    assert [(v["round"], v["task"]) for v in matrix["visits"]] == visits and set(matrix["initial"]) == set(TASKS)
+    assert matrix["visits"][-1]["pneumonia"] == metrics["rounds"]["2"]["pneumonia_auc"]  # the round-end score
+    assert {"average", "bwt", "fwt", "mean_forgetting"} <= set(matrix["summary"])
+    assert (tmp_path / "out" / "forgetting_matrix.png").stat().st_size > 1000
+
     after_two = load_backbone_checkpoint(tmp_path / "models" / "backbone.pt")["state_dict"]
     # one more round: resumes at the end of round 2 (history kept), continues the schedule with round 3, and trains
     # (the learning-rate schedule follows the new number of rounds, not the finished run's)
@@ -58,6 +65,8 @@ def test_continual_rounds_resume_and_export(tmp_path, xray_root, start):
     assert _visits(more.stdout) == [(3, t) for _, t in _visits(more.stdout)] and len(_visits(more.stdout)) == 3
     metrics = json.loads((tmp_path / "out" / "task_metrics.json").read_text())
     assert sorted(metrics["rounds"]) == ["1", "2", "3"]
+    rows = (tmp_path / "out" / "forgetting_matrix.csv").read_text().splitlines()
+    assert len(rows) == 1 + 9 and rows[-1].split(",")[:2] == ["9", "3"]  # the resumed run kept the earlier visits
 
     payload = load_backbone_checkpoint(tmp_path / "models" / "backbone.pt")
     assert payload["arch"] == "resnet18" and payload["backbone_kwargs"] == {"imagenet_stem": True}
@@ -66,6 +75,10 @@ def test_continual_rounds_resume_and_export(tmp_path, xray_root, start):
     assert not torch.equal(payload["state_dict"]["layer4.1.conv2.weight"], after_two["layer4.1.conv2.weight"])
     backbone = build_backbone("resnet18", imagenet_stem=True)
     backbone.load_state_dict(payload["state_dict"])  # strict: the downstream bundle's init=checkpoint loads it
+    # a rerun of the finished run says so and how to extend it, instead of ending silently
+    again = run_bundle("muscle_continual", TRAIN, {**overrides, "rounds": 3})
+    said = again.stdout + again.stderr
+    assert "training already finished at round 3" in said and "--rounds 6" in said
 
     import mlflow
 

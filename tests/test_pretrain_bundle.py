@@ -61,6 +61,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, xray_root):
     resumed = run_bundle("muscle_pretrain", TRAIN, overrides)
     assert "resuming mid-epoch" in resumed.stdout
 
+    again = run_bundle("muscle_pretrain", TRAIN, overrides)  # the finished run says so and how to extend it
+    assert "training already finished at epoch 2" in again.stdout + again.stderr
+
     a, b = _final_state(tmp_path / "a" / "out" / "checkpoints"), _final_state(ckpt_dir)
     assert a["trainer"]["iteration"] == b["trainer"]["iteration"] == 16
     assert int(a["model"]["queue_ptr"]) == int(b["model"]["queue_ptr"]) == (16 * 8) % 40

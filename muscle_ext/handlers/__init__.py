@@ -39,6 +39,7 @@ from muscle_ext.handlers.tracking import (
     tracking_settings,
     write_tracking_settings,
 )
+from muscle_ext.handlers.visit_matrix import VisitMatrix
 
 # `monai.bundle run` prints its command-line arguments (data folders included) after the bundle's imports ran:
 # redact them with the tracking privacy rule (see muscle_ext.handlers.privacy, "Logs").
@@ -61,6 +62,7 @@ __all__ = [
     "RegressionReport",
     "SegmentationReport",
     "ValueColumns",
+    "VisitMatrix",
     "RNGStates",
     "ResumableCheckpoint",
     "ResumeDataPosition",
