@@ -271,7 +271,8 @@ def test_pretrain_train_config_records_its_settings():
     assert settings["image_size"] == 64 and settings["input_mean"] == 0.0
     assert settings["preprocessing"]["knee_oa_chen2018"]["lower_percentile"] == 1.0  # per dataset tag
     assert settings["preprocessing"]["rsna_boneage"]["clahe"]["clip_limit"] == 2.0
-    exporter = next(h for h in parser["train#handlers"] if "BackboneExporter" in str(h.get("_target_")))
+    exporter = next(h for h in parser["train#handlers"]
+                    if isinstance(h, dict) and "BackboneExporter" in str(h.get("_target_")))
     assert exporter["settings"] == "@model_settings"
 
 
@@ -288,5 +289,6 @@ def test_continual_train_config_records_its_settings(tmp_path):
     assert settings["image_size"] == 64 and settings["init"] == "checkpoint"
     assert settings["init_weights"]["file"] == "md_moco.pt" and settings["init_weights"]["source"]["bundle"] == \
         "muscle_pretrain"
-    exporter = next(h for h in parser["train#handlers"] if "BackboneExporter" in str(h.get("_target_")))
+    exporter = next(h for h in parser["train#handlers"]
+                    if isinstance(h, dict) and "BackboneExporter" in str(h.get("_target_")))
     assert exporter["settings"] == "@model_settings"
