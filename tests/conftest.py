@@ -41,3 +41,16 @@ def mlflow_server(tmp_path_factory, store_template):
     yield server
     server.stop(grace=3)  # the `mlflow server` parent can take 8 s to follow its uvicorn child: kill it sooner
 
+
+
+# --------------------------------------------------------------------------- a backbone for the continual bundle
+@pytest.fixture
+def start(tmp_path) -> Path:
+    """A random-init MD-MoCo-format backbone with lineage: where a continual run starts."""
+    from muscle_ext.networks import build_backbone, save_backbone
+
+    path = tmp_path / "md_moco" / "backbone.pt"
+    torch.manual_seed(0)
+    save_backbone(path, build_backbone("resnet18"), "resnet18", {"imagenet_stem": True},
+                  source={"bundle": "muscle_pretrain", "mlflow_run_id": "mdmocorun7", "epoch": 3})
+    return path

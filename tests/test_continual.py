@@ -124,8 +124,8 @@ def test_each_penalty_is_zero_at_its_anchor_and_grows_as_weights_move():
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(anchor[name] + step)
-        values["l2sp"].append(float(reg.l2sp_penalty(params, anchor)))
-        values["ewc"].append(float(reg.ewc_penalty(params, anchor, fisher)))
+        values["l2sp"].append(float(reg.l2sp_penalty(params, anchor).detach()))
+        values["ewc"].append(float(reg.ewc_penalty(params, anchor, fisher).detach()))
     for name, (at_anchor, small, larger) in values.items():
         assert at_anchor == 0.0 and 0 < small < larger, name
     features = torch.randn(2, 3, 4, 4)

@@ -8,10 +8,9 @@ import json
 import re
 from pathlib import Path
 
-import pytest
 import torch
 
-from muscle_ext.networks import build_backbone, load_backbone_checkpoint, save_backbone
+from muscle_ext.networks import build_backbone, load_backbone_checkpoint
 
 from tests.bundle_utils import BUNDLES, run_bundle
 
@@ -24,15 +23,6 @@ def tiny(tmp: Path, xray_root: Path, start: Path, **extra) -> dict:
     return {"dataset_dir": xray_root, "output_dir": tmp / "out", "model_dir": tmp / "models", "init_weights": start,
             "image_size": 64, "batch_size": 8, "rounds": 2, "steps_per_visit": 2, "max_items": 16, "num_workers": 0,
             "tracking_uri": f"sqlite:///{tmp / 'mlruns.db'}", **extra}
-
-
-@pytest.fixture
-def start(tmp_path) -> Path:
-    path = tmp_path / "md_moco" / "backbone.pt"
-    torch.manual_seed(0)
-    save_backbone(path, build_backbone("resnet18"), "resnet18", {"imagenet_stem": True},
-                  source={"bundle": "muscle_pretrain", "mlflow_run_id": "mdmocorun7", "epoch": 3})
-    return path
 
 
 def _visits(log: str) -> list[tuple[int, str]]:

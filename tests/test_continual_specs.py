@@ -16,7 +16,7 @@ import torch
 
 from muscle_ext.engines import TaskSet, TaskValidation, parse_task_specs
 from muscle_ext.handlers import MetricHistory
-from muscle_ext.networks import build_backbone, load_backbone_checkpoint, save_backbone
+from muscle_ext.networks import build_backbone, load_backbone_checkpoint
 from muscle_ext.networks.heads import BackboneClassifier, BackboneRegressor, BackboneSegmenter
 from muscle_ext.settings import SettingsError
 
@@ -170,15 +170,6 @@ def test_history_judges_lower_is_better_metrics_by_their_lowest_value(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ the bundle
-@pytest.fixture
-def start(tmp_path) -> Path:
-    path = tmp_path / "md_moco" / "backbone.pt"
-    torch.manual_seed(0)
-    save_backbone(path, build_backbone("resnet18"), "resnet18", {"imagenet_stem": True},
-                  source={"bundle": "muscle_pretrain", "mlflow_run_id": "mdmocorun7", "epoch": 3})
-    return path
-
-
 def tiny(tmp: Path, xray_root: Path, start: Path, **extra) -> dict:
     """Rounds of task visits x 2 iterations of batch 8 at 64 px, validating on 16 images per task; no tracking."""
     return {"dataset_dir": xray_root, "output_dir": tmp / "out", "model_dir": tmp / "models", "init_weights": start,
