@@ -24,9 +24,7 @@ import math
 import shutil
 from pathlib import Path
 
-import numpy as np
-
-from muscle_ext.metrics import bootstrap_mean_ci, ci_dict, paired_difference_ci, read_case_scores, roc_auc
+from muscle_ext.metrics import paired_difference
 
 from common import RESULTS, monai_run, write_result
 
@@ -83,27 +81,12 @@ def run_arm(args: argparse.Namespace, task: str, arm: str, init: dict) -> dict:
 
 def paired_vs_scratch(arm: dict, scratch: dict, resamples: int, seed: int) -> dict | None:
     """The arm's headline metric minus scratch's (or another reference arm's), with a paired bootstrap CI over the
-    same test images: AUC (higher is better), mean Dice (higher is better) or MAE (lower is better)."""
+    same test images (:func:`muscle_ext.metrics.paired_difference`); ``None`` for detection (no per-image scores)."""
     if not (Path(arm["per_case"]).is_file() and Path(scratch["per_case"]).is_file()):
-        return None  # detection has no per-image scores
-    a, b = read_case_scores(arm["per_case"]), read_case_scores(scratch["per_case"])
-    # both arms evaluated the same split with the same settings: same images in the same order, so the same labels
-    # (or, for segmentation, the same images without lung, whose Dice is NaN in both)
-    rows = {len(column) for column in (*a.values(), *b.values())} | {arm["metrics"]["n"], scratch["metrics"]["n"]}
-    same = len(rows) == 1 and set(a) == set(b)
-    if same and "label" in a:
-        same = np.array_equal(a["label"], b["label"])
-    if same and "dice" in a:
-        same = np.array_equal(np.isnan(a["dice"]), np.isnan(b["dice"]))
-    if not same:
+        return None
+    if arm["metrics"]["n"] != scratch["metrics"]["n"]:
         raise ValueError(f"{arm['per_case']} and {scratch['per_case']} scored different cases")
-    if "score" in a:
-        return {"roc_auc": ci_dict(paired_difference_ci(roc_auc, a["label"], a["score"], b["score"], resamples,
-                                                        seed=seed))}
-    if "dice" in a:
-        return {"dice": ci_dict(bootstrap_mean_ci(a["dice"] - b["dice"], resamples, seed=seed))}
-    errors = np.abs(a["pred"] - a["label"]) - np.abs(b["pred"] - b["label"])
-    return {"mae": ci_dict(bootstrap_mean_ci(errors, resamples, seed=seed))}
+    return paired_difference(arm["per_case"], scratch["per_case"], resamples, seed)
 
 
 def _fmt(entry: dict | None) -> str:

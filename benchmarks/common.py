@@ -7,13 +7,13 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from muscle_ext.metrics import json_safe, read_case_scores
+from muscle_ext.pipeline import bundle_command, printable, run_command  # noqa: F401 (printable: for the scripts)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -55,38 +55,14 @@ def write_result(name: str, payload: dict) -> Path:
     return path
 
 
-def bundle_command(bundle: Path, configs: list[str], overrides: dict) -> list[str]:
-    """``python -m monai.bundle run`` of ``bundle``'s ``configs`` (merged in order) with ``--key value`` overrides."""
-    files = [str(bundle / "configs" / c) for c in configs]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", repr(files) if len(files) > 1 else files[0],
-           "--bundle_root", str(bundle), "--logging_file", str(bundle / "configs" / "logging.conf")]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", str(value)]
-    return cmd
-
-
-def printable(cmd: list[str]) -> str:
-    """The command as the results show it (``python`` for whichever interpreter ran it)."""
-    return " ".join(["python", *cmd[1:]])
-
-
 def monai_run(bundle: Path, configs: list[str], overrides: dict, log: Path) -> dict:
-    """Run :func:`bundle_command`, output to ``log``. Returns the command, wall time and the run's own peak RSS."""
+    """Run the bundle as users do (:func:`muscle_ext.pipeline.bundle_command`), output to ``log``. Returns the
+    command, wall time and the run's own peak RSS; raises ``CalledProcessError`` when it fails."""
     cmd = bundle_command(bundle, configs, overrides)
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (KiB), not the max over all children
-        except BaseException:  # e.g. Ctrl-C: do not leave the training run behind
-            proc.kill()
-            proc.wait()
-            raise
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise subprocess.CalledProcessError(proc.returncode, cmd, output=f"see {log}")
-    return {"command": printable(cmd), "wall_s": round(time.perf_counter() - start, 1),
-            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
+    result = run_command(cmd, log)
+    if result.pop("returncode"):
+        raise subprocess.CalledProcessError(1, cmd, output=f"see {log}")
+    return result
 
 
 def plain_moco_step(network, optimizer, im_q, im_k, amp: bool) -> None:

@@ -39,6 +39,7 @@ import difflib
 import inspect
 import logging
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -52,7 +53,7 @@ from .settings import SettingsError, setting_problems
 
 __all__ = ["COMBINATIONS", "OPT_OUT", "RENAMED", "OverrideError", "Requires", "check_override_ids", "check_overrides",
            "check_run", "combination_problems", "command_line", "install_error_hook", "known_ids",
-           "monai_run_arguments", "short_block"]
+           "monai_run_arguments", "RelayedError", "short_block"]
 
 logger = logging.getLogger(__name__)
 
@@ -450,9 +451,34 @@ _HINTS = {
 }
 
 
+class RelayedError(Exception):
+    """An error of ours that a DataLoader worker raised: torch re-raises it in the main process as the outermost
+    type with the worker's formatted traceback as its message (MONAI's transform wrapper makes that a
+    ``RuntimeError``), so only the name and the message survive. ``kind`` is the original type's name."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        super().__init__(message)
+
+
+_OURS = ("SettingsError", "OverrideError", "ModelSettingsError", "DatalistError", "XRayReadError")
+# "<module>.XRayReadError: <message>" up to the next exception of the formatted chain, in a worker's traceback text
+_NAMES = "|".join((*_OURS, "FileNotFoundError"))
+_RELAYED = re.compile(rf"^(?:[\w.]+\.)?({_NAMES}): (.*?)(?=\n\n(?:The above exception|During handling)|\Z)",
+                      re.MULTILINE | re.DOTALL)
+
+
+def _relayed(error: BaseException) -> list[RelayedError]:
+    text = str(error)
+    if "Original Traceback" not in text:  # torch.utils.data's ExceptionWrapper.reraise
+        return []
+    return [RelayedError(m.group(1), m.group(2).strip()) for m in _RELAYED.finditer(text)]
+
+
 def _user_error(exc: BaseException | None) -> BaseException | None:
-    """Our error in ``exc``'s chain (``__cause__``/``__context__``): the outermost of our own types, else the
-    outermost ``FileNotFoundError``; ``None`` when there is neither."""
+    """Our error in ``exc``'s chain (``__cause__``/``__context__``), also one that a DataLoader worker raised
+    (:class:`RelayedError`): the outermost of our own types, else the outermost ``FileNotFoundError``; ``None``
+    when there is neither."""
     from .data.datalist import DatalistError
     from .data.pixels import XRayReadError
 
@@ -460,10 +486,12 @@ def _user_error(exc: BaseException | None) -> BaseException | None:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         chain.append(exc)
+        chain.extend(_relayed(exc))
         exc = exc.__cause__ or exc.__context__
-    for kinds in ((SettingsError, DatalistError, XRayReadError), (FileNotFoundError,)):
+    for kinds, names in (((SettingsError, DatalistError, XRayReadError), _OURS),
+                         ((FileNotFoundError,), ("FileNotFoundError",))):
         for error in chain:
-            if isinstance(error, kinds):
+            if isinstance(error, kinds) or getattr(error, "kind", None) in names:
                 return error
     return None
 
@@ -486,10 +514,11 @@ def short_block(error: BaseException, log_file: str | os.PathLike | None) -> str
     if len(lines) > MAX_BLOCK_LINES:  # the head and the last line (our messages end with the fix)
         hidden = len(lines) - MAX_BLOCK_LINES + 1
         lines = [*lines[:MAX_BLOCK_LINES - 2], f"  ... and {hidden} more lines (all in the log file)", lines[-1]]
-    marker, hint = _HINTS.get(type(error).__name__, ("", None))
+    kind = getattr(error, "kind", type(error).__name__)  # a RelayedError names the worker's error
+    marker, hint = _HINTS.get(kind, ("", None))
     if hint and marker in "\n".join(lines):
         hint = None  # the message names the override already
-    block = [f"{type(error).__name__}: {lines[0]}", *lines[1:]]
+    block = [f"{kind}: {lines[0]}", *lines[1:]]
     if hint:
         block.append(f"Fix: {hint}")
     if log_file:

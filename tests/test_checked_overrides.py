@@ -225,6 +225,32 @@ def test_short_block_finds_our_error_in_the_chain(tmp_path):
     assert _user_error(RuntimeError("x")) is None
 
 
+def test_an_error_raised_in_a_dataloader_worker_keeps_its_name_and_file(tmp_path, xray_root):
+    """torch re-raises a worker's error as the outermost type (MONAI's transform wrapper: RuntimeError) with the
+    worker's traceback as text: the short block still names our error, the file and the fix."""
+    import shutil
+
+    from monai.data import DataLoader, Dataset
+
+    from muscle_ext.bundle_checks import _user_error
+    from muscle_ext.data import LoadXRayd
+
+    good = next((xray_root / "pneumonia_nih").rglob("*.png"))
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 3])  # a truncated transfer
+    shutil.copy(good, tmp_path / "good.png")
+    loader = DataLoader(Dataset([{"image": str(tmp_path / "good.png")}, {"image": str(cut)}], LoadXRayd("image")),
+                        batch_size=1, num_workers=1)
+    with pytest.raises(Exception) as caught:
+        list(loader)
+    assert "XRayReadError" not in type(caught.value).__name__  # what torch re-raises is not ours ...
+    found = _user_error(caught.value)  # ... but the hook finds it in the worker's text
+    assert found is not None and found.kind == "XRayReadError" and str(found).startswith(f"{cut}: ")
+    block = short_block(found, tmp_path / "error.log").splitlines()
+    assert block[0].startswith(f"XRayReadError: {cut}: ") and "Traceback" not in "\n".join(block)
+    assert block[-2].startswith("Fix: ") and "--on_bad_data skip" in block[-2]
+
+
 def test_error_hook_in_a_process(tmp_path):
     """The hook prints the short block for our errors, keeps Python's traceback for others, exits 1 either way."""
     script = (f"import sys; sys.path.insert(0, {str(REPO)!r})\n"

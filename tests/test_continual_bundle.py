@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from muscle_ext.networks import build_backbone, load_backbone_checkpoint
@@ -70,6 +71,22 @@ def test_continual_rounds_resume_and_export(tmp_path, xray_root, start):
     said = again.stdout + again.stderr
     assert "training already finished at round 3" in said and "--rounds 6" in said
 
+    # configs/evaluate.yaml: every head of the newest checkpoint on its task's test split; the image size comes
+    # from backbone.pt, and a contradicting one is refused before any image is read
+    evaluate = {k: v for k, v in overrides.items() if k not in ("image_size", "init_weights")}
+    run_bundle("muscle_continual", [*TRAIN, "evaluate.yaml"], evaluate)
+    report = json.loads((tmp_path / "out" / "test_metrics.json").read_text())
+    assert set(report) == set(TASKS) and report["lung"]["n"] == 16 and 0 <= report["lung"]["lung_dice"] <= 1
+    assert report["pneumonia"]["pneumonia_auc"] is not None and report["knee"]["n"] == 16
+    import subprocess
+
+    from tests.bundle_utils import bundle_command, bundle_env
+
+    for extra, said in (({"image_size": 96}, "image_size"), ({"tasks": "['pneumonia','lung']"}, "--tasks")):
+        refused = subprocess.run(bundle_command("muscle_continual", [*TRAIN, "evaluate.yaml"], {**evaluate, **extra}),
+                                 capture_output=True, text=True, timeout=300, env=bundle_env())
+        assert refused.returncode != 0 and said in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+
     import mlflow
 
     client = mlflow.MlflowClient(overrides["tracking_uri"])
@@ -77,6 +94,24 @@ def test_continual_rounds_resume_and_export(tmp_path, xray_root, start):
     logged = {key for run in runs for key in run.data.metrics}
     assert {"pneumonia_loss", "knee_loss", "lung_loss", "pneumonia_auc", "knee_auc", "lung_dice"} <= logged
     assert str(xray_root) not in json.dumps([run.data.params for run in runs])  # no data paths in MLflow
+
+
+@pytest.mark.timeout(300)
+def test_multi_gpu_train_runs_two_gloo_processes(tmp_path, xray_root, start):
+    """configs/multi_gpu_train.yaml under torchrun: each process trains on its shard, the replicas stay identical
+    (ReplicaSync checks at the end), and rank 0 alone writes the checkpoint, backbone.pt and the metric files."""
+    import sys
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29753", "-m"]
+    overrides = {**tiny(tmp_path, xray_root, start, image_size=32, batch_size=4, max_items=12),
+                 "tasks": "['pneumonia','lung']", "use_tracking": False}
+    proc = run_bundle("muscle_continual", [*TRAIN, "multi_gpu_train.yaml"], overrides, launcher=launcher, timeout=280)
+    log = proc.stdout + proc.stderr
+    assert log.count("replicas in sync on 2 processes (largest parameter difference 0)") == 2
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["checkpoint_8.pt"]
+    assert log.count("backbone saved: backbone.pt") == 1
+    matrix = json.loads((tmp_path / "out" / "forgetting.json").read_text())
+    assert len(matrix["visits"]) == 4 and set(matrix["initial"]) == {"pneumonia", "lung"}
 
 
 def test_metadata_verifies():

@@ -92,24 +92,6 @@ def test_configs_parse(name):
     assert parser.get("train#trainer#_target_") == "muscle_ext.engines.MoCoTrainer"
 
 
-def test_pretrain_run_is_tracked_in_local_mlflow(tmp_path, xray_root):
-    """The default store is a SQLite file in the run's output folder; the backbone and datalist hash arrive."""
-    import mlflow
-
-    run_bundle("muscle_pretrain", TRAIN, tiny(tmp_path, xray_root, num_epochs=1, use_tracking=True))
-    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlruns.db'}")
-    experiment = client.get_experiment_by_name("muscle_pretrain")
-    (run,) = client.search_runs([experiment.experiment_id])
-    assert run.info.status == "FINISHED"
-    assert run.data.params["datalist.pretrain.count"] == "3313"  # training 2739 + validation 574
-    assert len(run.data.params["datalist.pretrain.sha256"]) == 64
-    assert "train_loss" in run.data.metrics
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert any("backbone" in a for a in artifacts), artifacts
-    source = load_backbone_checkpoint(tmp_path / "models" / "backbone.pt")["source"]
-    assert source["mlflow_run_id"] == run.info.run_id
-
-
 def test_evaluate_and_inference_configs(tmp_path, xray_root):
     """evaluate.yaml scores a frozen backbone (and the random-init baseline); inference.yaml embeds a datalist."""
     import csv

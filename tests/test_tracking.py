@@ -41,13 +41,15 @@ WRITER_LOG = "muscle_ext.handlers.resilient_client"
 
 
 @pytest.fixture
-def local_store(store_template):
-    """``local_store(output_dir)`` puts a fresh store where TrackingHandler's default URI points; returns the URI."""
+def local_store(store_template, monkeypatch):
+    """``local_store(folder)`` makes ``folder`` the working folder with a fresh store where TrackingHandler's default
+    URI points (``mlflow.db`` there); returns the URI."""
 
-    def make(output_dir: Path) -> str:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy(store_template, output_dir / "mlruns.db")
-        return resolve_tracking_uri(output_dir)
+    def make(folder: Path) -> str:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(store_template, folder / "mlflow.db")
+        monkeypatch.chdir(folder)
+        return resolve_tracking_uri()
 
     return make
 
@@ -149,14 +151,19 @@ def test_datalist_fingerprint(tmp_path):
 
 
 def test_resolve_tracking_uri(tmp_path, monkeypatch):
-    assert resolve_tracking_uri(tmp_path / "out") == f"sqlite:///{tmp_path}/out/mlruns.db"
-    assert (tmp_path / "out").is_dir()
-    assert resolve_tracking_uri(tmp_path, "http://h:5000") == "http://h:5000"
-    assert resolve_tracking_uri(tmp_path, str(tmp_path / "x.db")) == f"sqlite:///{tmp_path}/x.db"
-    with pytest.raises(ValueError):
-        resolve_tracking_uri(tmp_path, "file:///tmp/mlruns")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    # the default is MLflow's own: mlflow.db in the working folder, one store for every bundle run from there
+    assert resolve_tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+    assert resolve_tracking_uri(workdir=tmp_path / "ws") == f"sqlite:///{tmp_path}/ws/mlflow.db"
+    assert (tmp_path / "ws").is_dir()  # SQLite makes the file, not the folder
+    assert resolve_tracking_uri("http://h:5000") == "http://h:5000"
+    assert resolve_tracking_uri("runs/x.db") == f"sqlite:///{tmp_path}/runs/x.db" and (tmp_path / "runs").is_dir()
+    for refused in ("file:///tmp/mlruns", "runs/mlruns"):
+        with pytest.raises(ValueError, match="refuses the file store"):
+            resolve_tracking_uri(refused)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://shared:5000")
-    assert resolve_tracking_uri(tmp_path, "http://h:5000") == "http://shared:5000"
+    assert resolve_tracking_uri("http://h:5000") == "http://shared:5000"
 
 
 def test_shipped_settings_file_is_current():
@@ -315,7 +322,7 @@ def test_nothing_patient_related_is_logged(tmp_path, caplog, capsys, local_store
     metrics = mlflow.MlflowClient(handler.tracking_uri).get_run(handler.run_id).data.metrics
     assert [k for k in metrics if k.startswith("per_case")] == ["per_case.mean"]
     stored = [p for p in out.rglob("*") if p.is_file()]
-    assert any(p.name == "mlruns.db" for p in stored) and any(p.name == "config.json" for p in stored)
+    assert any(p.name == "mlflow.db" for p in stored) and any(p.name == "config.json" for p in stored)
     for path in stored:
         assert MARKER.encode() not in path.read_bytes(), path.name
         assert MARKER not in str(path.relative_to(tmp_path))
@@ -395,7 +402,7 @@ def test_bundle_run(tmp_path, monkeypatch, mode, local_store):
 
     bundle = tmp_path / "bundle"
     (bundle / "configs").mkdir(parents=True)
-    local_store(bundle / "out")
+    uri = local_store(bundle)
     config = json.loads(json.dumps(BUNDLE_TRAIN))
     if mode == "handler_in_config":
         config["train"]["handlers"] = [{"_target_": "muscle_ext.handlers.TrackingHandler",
@@ -410,7 +417,7 @@ def test_bundle_run(tmp_path, monkeypatch, mode, local_store):
     workflow.run()
     workflow.finalize()
 
-    client = mlflow.MlflowClient(resolve_tracking_uri(bundle / "out"))
+    client = mlflow.MlflowClient(uri)
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED"
     p = run.data.params
@@ -418,4 +425,4 @@ def test_bundle_run(tmp_path, monkeypatch, mode, local_store):
     assert p["config.dataset_dir"].startswith("sha256:")
     assert run.data.tags["muscle.bundle"] == "tiny_bundle" and run.info.run_name.startswith("tiny_bundle_")
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 3
-    assert MARKER.encode() not in (bundle / "out" / "mlruns.db").read_bytes()
+    assert MARKER.encode() not in (bundle / "mlflow.db").read_bytes()

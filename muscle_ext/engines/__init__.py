@@ -6,7 +6,15 @@ from .inferers import AutocastInferer
 from .moco_trainer import ACC_TOP1, MoCoTrainer, PrepareTwoViews, unwrap_moco
 from .precision import autocast_on, bf16_is_fast, needs_grad_scaler
 from .schedules import cosine_with_warmup, cosine_with_warmup_factor
-from .task_specs import TaskSet, TaskSpec, TaskValidation, parse_task_specs, spec_table
+from .task_specs import (
+    TaskSet,
+    TaskSpec,
+    TaskValidation,
+    evaluate_tasks,
+    load_task_networks,
+    parse_task_specs,
+    spec_table,
+)
 from .trainer import StepTrainer
 
 __all__ = [
@@ -27,6 +35,8 @@ __all__ = [
     "cosine_with_warmup",
     "cosine_with_warmup_factor",
     "needs_grad_scaler",
+    "evaluate_tasks",
+    "load_task_networks",
     "parse_task_specs",
     "spec_table",
     "task_loss",

@@ -180,6 +180,9 @@ class MultiTaskTrainer(StepTrainer):
         generator = getattr(loader, "generator", None)
         if isinstance(generator, torch.Generator):  # data order; worker processes derive their seeds from it
             generator.manual_seed(seed)
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # a DistributedSampler: every rank draws its shard of the same order
+            sampler.set_epoch(seed)
         if getattr(loader, "num_workers", 0) == 0 and hasattr(loader, "dataset"):  # augmentation in this process
             set_rnd(loader.dataset, seed % 2**32)
         self._batches = itertools.chain.from_iterable(itertools.repeat(loader))

@@ -13,7 +13,8 @@ Settings of every kind (:data:`COMMON_KEYS`):
 
 - ``kind`` (required): ``classification``, ``segmentation`` or ``regression`` (``detection``: not yet);
 - ``datalist`` (required): a MONAI datalist JSON (decathlon style, paths relative to the file), with the sections
-  ``train_split`` (default ``training``) and ``val_split`` (default ``validation``);
+  ``train_split`` (default ``training``), ``val_split`` (default ``validation``) and, for ``configs/evaluate.yaml``,
+  ``test_split`` (default ``test``);
 - ``steps``: iterations per visit of this task (default: the run's ``steps_per_visit``);
 - ``loss_weight``: multiplies the task's loss (default 1.0);
 - ``flip``: random left-right flips in training (default false: chests are not symmetric; true suits knees, hands).
@@ -41,6 +42,7 @@ pneumonia, knee, lung (did you mean 'pneumonia'?)``.
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import math
 import numbers
@@ -52,7 +54,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import DataLoader
+from monai.data import DataLoader, DistributedSampler
 from monai.engines import SupervisedEvaluator
 from monai.handlers import ROCAUC, MeanAbsoluteError, MeanDice, ValidationHandler, from_engine
 from monai.losses import DiceCELoss
@@ -69,6 +71,7 @@ from monai.transforms import (
     SelectItemsd,
 )
 from torch import nn
+from torch.utils.data.distributed import DistributedSampler as TorchDistributedSampler
 
 from ..data import load_datalist, make_dataset, subset, validate_datalist, xray_preprocessing
 from ..flags import as_flag
@@ -76,16 +79,17 @@ from ..networks.heads import BackboneClassifier, BackboneRegressor, BackboneSegm
 from ..settings import SettingsError
 from .continual import SupervisedTask
 
-__all__ = ["COMMON_KEYS", "KINDS", "KIND_KEYS", "TaskSet", "TaskSpec", "TaskValidation", "parse_task_specs",
-           "spec_table"]
+__all__ = ["COMMON_KEYS", "KINDS", "KIND_KEYS", "TaskSet", "TaskSpec", "TaskValidation", "evaluate_tasks",
+           "load_task_networks", "parse_task_specs", "spec_table"]
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("classification", "segmentation", "regression")
-COMMON_KEYS = ("kind", "datalist", "train_split", "val_split", "steps", "loss_weight", "flip")
+COMMON_KEYS = ("kind", "datalist", "train_split", "val_split", "test_split", "steps", "loss_weight", "flip")
 KIND_KEYS = {"classification": ("classes", "num_classes"), "segmentation": ("mask_key",),
              "regression": ("label_mean", "label_std")}
 METRIC_SUFFIX = {"classification": "auc", "segmentation": "dice", "regression": "mae"}
+SPLITS = {"training": "train_split", "validation": "val_split", "test": "test_split"}  # split -> TaskSpec field
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class TaskSpec:
     datalist: str
     train_split: str = "training"
     val_split: str = "validation"
+    test_split: str = "test"
     steps: int = 1
     loss_weight: float = 1.0
     flip: bool = False
@@ -161,7 +166,7 @@ def _check_spec(name: str, spec: Any, steps_per_visit: int) -> tuple[TaskSpec | 
         problems.append(f"{where}: datalist must be the path of a MONAI datalist JSON, got {datalist!r}")
     else:
         fields["datalist"] = os.fspath(datalist)
-    for key in ("train_split", "val_split"):
+    for key in ("train_split", "val_split", "test_split"):
         if key in spec:
             if not isinstance(spec[key], str) or not spec[key]:
                 problems.append(f"{where}: {key} must be the name of a datalist section, got {spec[key]!r}")
@@ -288,12 +293,15 @@ class TaskSet:
             validation in ``<cache_dir>/<task>_val``).
         normalize: a transform after augmentation (e.g. ``NormalizeIntensityd`` with ImageNet statistics).
         source: named in errors.
+        distributed: one process of a data-parallel run (``configs/multi_gpu_train.yaml``): each process trains
+            and validates on its shard of every split (needs an initialised process group).
     """
 
     def __init__(self, task_specs: Mapping[str, Any], tasks: Sequence[str] | None = None, steps_per_visit: int = 1,
                  image_size: int = 224, batch_size: int = 32, max_items: int | None = None,
                  on_bad_data: str = "raise", cache: str = "none", cache_dir: str | os.PathLike | None = None,
-                 num_workers: int = 0, normalize: Callable | None = None, source: str = "muscle_continual") -> None:
+                 num_workers: int = 0, normalize: Callable | None = None, source: str = "muscle_continual",
+                 distributed: bool = False) -> None:
         self.specs = {s.name: s for s in parse_task_specs(task_specs, tasks, steps_per_visit, source)}
         self.image_size = int(image_size)
         self.batch_size = int(batch_size)
@@ -303,6 +311,7 @@ class TaskSet:
         self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
         self.num_workers = int(num_workers)
         self.normalize = normalize
+        self.distributed = bool(distributed)
         self._data: dict[tuple[str, str], list[dict]] = {}
         self._targets: dict[str, tuple[float, float]] = {}
 
@@ -328,11 +337,14 @@ class TaskSet:
 
     # ---------------------------------------------------------------------------------------------- data
     def data(self, name: str, split: str = "training") -> list[dict]:
-        """The checked items of one task's ``training`` or ``validation`` split (``max_items`` applied)."""
+        """The checked items of one task's ``training``, ``validation`` or ``test`` split (``max_items`` applied;
+        the datalist sections are the spec's ``train_split``, ``val_split``, ``test_split``)."""
         key = (name, split)
         if key not in self._data:
             spec = self.specs[name]
-            section = spec.train_split if split == "training" else spec.val_split
+            if split not in SPLITS:
+                raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+            section = getattr(spec, SPLITS[split])
             items = subset(load_datalist(spec.datalist, section), self.max_items)
             checks: dict[str, Any] = {"classification": {"classes": list(range(spec.num_classes))},
                                       "segmentation": {"mask_key": spec.mask_key},
@@ -385,19 +397,29 @@ class TaskSet:
         return Compose(chain)
 
     def _dataset(self, name: str, split: str) -> Any:
-        suffix = "" if split == "training" else "_val"
+        suffix = {"training": "", "validation": "_val"}.get(split, f"_{split}")
         cache_dir = None if self.cache_dir is None else os.path.join(self.cache_dir, name + suffix)
         return make_dataset(self.data(name, split), self.transform(name, split == "training"), cache=self.cache,
                             cache_dir=cache_dir, num_workers=self.num_workers)
 
     def train_loader(self, name: str) -> DataLoader:
-        """Shuffled training batches with their own generator (each visit reseeds it: exact resume)."""
+        """Shuffled training batches with their own generator (each visit reseeds it: exact resume). With
+        ``distributed``, each process draws its own shard (a ``DistributedSampler`` that each visit reseeds)."""
         dataset = self._dataset(name, "training")
+        if self.distributed:
+            sampler = TorchDistributedSampler(dataset, shuffle=True)  # pads the last shard: equal steps per rank
+            return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+                              drop_last=len(sampler) > self.batch_size, num_workers=self.num_workers,
+                              generator=torch.Generator())
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, drop_last=len(dataset) > self.batch_size,
                           num_workers=self.num_workers, generator=torch.Generator())
 
-    def val_loader(self, name: str) -> DataLoader:
-        return DataLoader(self._dataset(name, "validation"), batch_size=self.batch_size, num_workers=self.num_workers)
+    def val_loader(self, name: str, split: str = "validation") -> DataLoader:
+        """Batches of the ``validation`` (or ``test``) split in datalist order, without augmentation. With
+        ``distributed``, each process scores its shard and MONAI's metric handlers gather every rank's."""
+        dataset = self._dataset(name, split)
+        sampler = DistributedSampler(dataset, shuffle=False, even_divisible=False) if self.distributed else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     # ---------------------------------------------------------------------------------------------- models
     def network(self, name: str, backbone: nn.Module) -> nn.Module:
@@ -450,8 +472,9 @@ class TaskSet:
         return MeanAbsoluteError(output_transform=pairs)
 
     def evaluators(self, networks: Mapping[str, nn.Module], val_handlers: Sequence[Any] = (),
-                   device: torch.device | str = "cpu") -> dict[str, SupervisedEvaluator]:
-        """``{task: SupervisedEvaluator}`` on each task's validation split, its metric the key metric.
+                   device: torch.device | str = "cpu", split: str = "validation") -> dict[str, SupervisedEvaluator]:
+        """``{task: SupervisedEvaluator}`` on each task's ``validation`` (or ``test``) split, its metric the key
+        metric.
 
         ``val_handlers``: handler objects (with ``attach``) are attached to every evaluator (e.g. one
         :class:`~muscle_ext.handlers.MetricHistory`); other callables (``_mode_: callable`` in a config, a class)
@@ -463,7 +486,7 @@ class TaskSet:
                         for h in val_handlers if h is not None]
             extra = {"metric_cmp_fn": operator.lt} if spec.lower_is_better else {}
             out[name] = SupervisedEvaluator(
-                device=device, val_data_loader=self.val_loader(name), network=networks[name],
+                device=device, val_data_loader=self.val_loader(name, split), network=networks[name],
                 postprocessing=self.postprocessing(name), key_val_metric={spec.metric: self.metric(name)},
                 val_handlers=[h for h in handlers if h is not None], **extra)
         return out
@@ -482,3 +505,56 @@ class TaskValidation:
     def attach(self, engine: Any) -> None:
         for handler in self.handlers:
             handler.attach(engine)
+
+
+def load_task_networks(networks: nn.Module, checkpoint: str | os.PathLike | None, key: str = "network") -> str:
+    """Load a continual run's task networks (the shared backbone and every head) from its training checkpoint.
+
+    Args:
+        networks: the ``nn.ModuleDict`` ``{task: model}`` of :meth:`TaskSet.networks`, for the run's ``tasks``.
+        checkpoint: a checkpoint file of the run (``checkpoint_<iteration>.pt``, e.g. from
+            :func:`~muscle_ext.handlers.latest_checkpoint`); ``None`` when the run's folder has none.
+        key: the entry of the checkpoint that holds the networks' state dict.
+
+    Returns:
+        The checkpoint's path.
+
+    Raises:
+        FileNotFoundError: no checkpoint (the run was not trained, or another ``output_dir``).
+        SettingsError: the checkpoint was trained on other tasks than ``networks`` has (names both, and the fix).
+    """
+    if checkpoint is None or not os.path.isfile(checkpoint):
+        where = f"at {checkpoint}" if checkpoint else "found"
+        raise FileNotFoundError(f"no training checkpoint of a continual run {where}: train first (configs/train.yaml), "
+                                "or pass the --output_dir of a finished run")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)[key]
+    trained = list(dict.fromkeys(name.split(".", 1)[0] for name in state))
+    wanted = list(networks.keys()) if isinstance(networks, nn.ModuleDict) else trained
+    if sorted(trained) != sorted(wanted):
+        raise SettingsError(f"{checkpoint} was trained on the tasks {', '.join(trained)}, the config names "
+                            f"{', '.join(wanted)}: pass --tasks \"{trained!r}\" (the tasks it was trained on)")
+    networks.load_state_dict(state)
+    return os.fspath(checkpoint)
+
+
+def evaluate_tasks(evaluators: Mapping[str, Any], path: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
+    """Run every task's evaluator once and collect its key metric: ``{task: {metric name: value, "n": items}}``.
+
+    ``path``: also written there as JSON (the continual bundle's ``test_metrics.json``). A metric that cannot be
+    computed (e.g. ROC AUC of a split with one class) is ``null``.
+    """
+    report: dict[str, dict[str, Any]] = {}
+    for name, evaluator in evaluators.items():
+        evaluator.run()
+        metric = evaluator.state.key_metric_name
+        value = evaluator.state.metrics.get(metric)
+        value = float(value) if isinstance(value, numbers.Real) and math.isfinite(float(value)) else None
+        loader = evaluator.data_loader
+        count = len(loader.dataset) if hasattr(loader, "dataset") else None
+        report[name] = {metric: value, "n": count}
+        logger.info(f"task {name}: {metric} {value if value is None else round(value, 4)} on {count} items")
+    if path is not None:
+        os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+    return report

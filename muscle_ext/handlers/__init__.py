@@ -26,6 +26,7 @@ from muscle_ext.handlers.privacy import (
     install_input_summary_redaction,
     short_hash,
 )
+from muscle_ext.handlers.replica_sync import ReplicaSync, handlers_for_rank
 from muscle_ext.handlers.resilient_client import ResilientMlflowWriter
 from muscle_ext.handlers.tracking import (
     TRACKING_SETTINGS_PATH,
@@ -60,6 +61,7 @@ __all__ = [
     "PredictionSaver",
     "ProbabilityColumns",
     "RegressionReport",
+    "ReplicaSync",
     "SegmentationReport",
     "ValueColumns",
     "VisitMatrix",
@@ -79,6 +81,7 @@ __all__ = [
     "datalist_fingerprint",
     "environment_versions",
     "flatten_config",
+    "handlers_for_rank",
     "install_input_summary_redaction",
     "is_undefined",
     "loss_from_output",

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
 __all__ = ["MetricHistory"]
@@ -58,6 +59,8 @@ class MetricHistory:
         return out
 
     def write(self, engine: Engine | None = None) -> Path:
+        if idist.get_rank() != 0:  # data-parallel runs: every rank records the same scores, rank 0 writes them
+            return self.path
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"rounds": {str(r): m for r, m in sorted(self.rounds.items())}, "summary": self.summary()}
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")

@@ -17,8 +17,9 @@ logging, ``attach`` and artifact walking are reused) with four changes:
   picks up other people's runs on a shared server).
 
 Where the store is (:func:`resolve_tracking_uri`): ``MLFLOW_TRACKING_URI`` if set, else ``tracking_uri``, else
-``sqlite:///<output_dir>/mlruns.db`` with artifacts in ``<output_dir>/mlruns`` (the environment variable wins,
-as in MONAI, so one export points every bundle at a shared server).
+MLflow's own default ``sqlite:///mlflow.db`` in the current folder, with artifacts in ``mlruns/`` beside it: every
+bundle run from one folder shares one store, so a backbone's lineage is followed in one ``mlflow ui``. The
+environment variable wins, as in MONAI, so one export points every bundle at a shared server.
 
 Lineage: a run started from a checkpoint (``parent_checkpoint``) gets the tags ``muscle.parent_checkpoint_sha256``
 and, from the checkpoint's ``source`` dict, ``muscle.parent_run_id``, ``muscle.parent_bundle`` and
@@ -83,26 +84,31 @@ _META_TAGS = {"name": "muscle.bundle", "version": "muscle.bundle_version"}
 
 
 # --------------------------------------------------------------------------- helpers
-def resolve_tracking_uri(output_dir: str | os.PathLike | None = None, uri: str | None = None) -> str:
-    """The MLflow store to use: ``MLFLOW_TRACKING_URI``, else ``uri``, else ``sqlite:///<output_dir>/mlruns.db``.
+def resolve_tracking_uri(uri: str | None = None, workdir: str | os.PathLike | None = None) -> str:
+    """The MLflow store to use: ``MLFLOW_TRACKING_URI``, else ``uri``, else ``sqlite:///<workdir>/mlflow.db``.
 
-    ``output_dir`` defaults to the current directory. A path to a ``.db``/``.sqlite`` file is turned into a
-    SQLite URI; other plain paths and ``file:`` URIs raise (MLflow 3.13+ refuses the file store).
+    The default is MLflow's own (``sqlite:///mlflow.db`` in the working folder, ``workdir`` defaulting to the
+    current directory): every bundle run from one folder lands in one store, so the lineage pretrain -> continual
+    -> downstream is one experiment view in ``mlflow ui`` started from that folder. A path to a
+    ``.db``/``.sqlite`` file is turned into a SQLite URI.
+
+    Raises:
+        ValueError: a plain folder or a ``file:`` URI (MLflow 3.13+ refuses the file store).
     """
     chosen = os.environ.get("MLFLOW_TRACKING_URI") or uri
     if not chosen:
-        out = Path(output_dir if output_dir is not None else os.getcwd()).absolute()
-        out.mkdir(parents=True, exist_ok=True)
-        return path_to_sqlite_uri(out / "mlruns.db")
-    chosen = str(chosen)
-    if "://" not in chosen and chosen.lower().endswith((".db", ".sqlite", ".sqlite3")):
-        return path_to_sqlite_uri(chosen)
-    if chosen.startswith("file:") or "://" not in chosen:
+        db = Path(workdir if workdir is not None else os.getcwd()).absolute() / "mlflow.db"
+    elif "://" not in str(chosen) and str(chosen).lower().endswith((".db", ".sqlite", ".sqlite3")):
+        db = Path(chosen).absolute()
+    elif str(chosen).startswith("file:") or "://" not in str(chosen):
         raise ValueError(
             f"unsupported MLflow tracking URI {chosen!r}: MLflow 3.13+ refuses the file store; use "
-            "sqlite:///<path>/mlruns.db or http(s)://<server>."
+            "sqlite:///<path>/mlflow.db or http(s)://<server>."
         )
-    return chosen
+    else:
+        return str(chosen)
+    db.parent.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its folder
+    return path_to_sqlite_uri(db)
 
 
 def environment_versions() -> dict[str, str]:
@@ -270,8 +276,7 @@ class TrackingHandler(MLFlowHandler):
     """Track a bundle run in MLflow (see the module docstring); attach to a trainer, validator or evaluator.
 
     Args:
-        output_dir: where the default SQLite store goes (``<output_dir>/mlruns.db``) and a root whose paths may
-            be logged; default: the current directory.
+        output_dir: the run's output folder: a root whose paths may be logged.
         tracking_uri: MLflow store; ``MLFLOW_TRACKING_URI`` overrides it (see :func:`resolve_tracking_uri`).
         experiment_name: MLflow experiment.
         run_name: default ``<bundle name or workflow>_<YYYYmmdd_HHMMSS>``.
@@ -354,7 +359,7 @@ class TrackingHandler(MLFlowHandler):
 
         self.output_dir = str(Path(output_dir).absolute()) if output_dir is not None else None
         self.enabled = _global_rank() == 0  # under DDP only rank 0 talks to MLflow
-        self.tracking_uri = resolve_tracking_uri(output_dir, tracking_uri) if self.enabled else ""
+        self.tracking_uri = resolve_tracking_uri(tracking_uri) if self.enabled else ""
         self.config = config
         self._parser = _find_bundle_parser() if config is None else None
         self.datalists = datalists

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
 from ..engines.continual import TaskEvents
@@ -117,6 +118,8 @@ class VisitMatrix:
     def write(self) -> None:
         from ..metrics.report import json_safe
 
+        if idist.get_rank() != 0:  # data-parallel runs: every rank has the same matrix, rank 0 writes it
+            return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         tasks = list(self.evaluators)
         with open(self.output_dir / "forgetting_matrix.csv", "w", newline="") as f:

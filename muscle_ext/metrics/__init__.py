@@ -26,6 +26,7 @@ from muscle_ext.metrics.classification import (
 from muscle_ext.metrics.detection import COCO_IOU_RANGE, detection_report
 from muscle_ext.metrics.segmentation import per_image_means, pooled_scores, segmentation_report, segmentation_scores
 
+from .comparison import paired_difference
 from .embedding import (
     collapse_score,
     extract_embeddings,
@@ -45,6 +46,7 @@ __all__ = [
     "bootstrap_indices",
     "bootstrap_mean_ci",
     "ci_dict",
+    "paired_difference",
     "paired_difference_ci",
     "confusion_matrix",
     "detection_report",

@@ -1,0 +1,159 @@
+"""``muscle``: the main job and its helpers on the command line.
+
+    muscle reproduce --preset quick --data ../shared/data/xray --out runs/reproduce   # the whole comparison
+    muscle status runs/reproduce                                                     # which stages are done
+    muscle report runs/reproduce                                                     # rebuild report.md
+    muscle export-zoo bundles/muscle_pretrain dist/muscle_pretrain                   # a model-zoo-ready folder
+
+``reproduce`` runs every stage of the preset (:mod:`muscle_ext.pipeline.plan`) as its bundle's own command, reuses
+finished stages (same fingerprint), resumes a killed one, and writes ``<out>/report.md``. Its MLflow runs go to one
+store, ``<out>/mlflow.db`` (``MLFLOW_TRACKING_URI`` wins), so ``mlflow ui --backend-store-uri
+sqlite:///<out>/mlflow.db`` shows every stage with its lineage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from .pipeline import StageFailed, StageRunner, build_report, build_stages, load_preset, printable
+
+    preset = load_preset(args.preset)
+    if args.data is None:
+        print("muscle reproduce: no data given. Point --data at a folder with the preset's datalists (e.g. "
+              "--data ../shared/data/xray for the quick preset), convert a public dataset into datalists first, or "
+              "give your own preset file (--preset my_pipeline.yaml) that names your datalists.", file=sys.stderr)
+        return 2
+    out = Path(args.out).absolute()
+    stages = build_stages(preset, args.data, out, imagenet_weights=args.imagenet_weights, seed=args.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline = {"preset": preset["name"], "description": preset.get("description", ""),
+                "data_name": Path(args.data).absolute().name, "seed": args.seed,
+                "stages": [{"name": s.name, "output_dir": str(s.output_dir), "needs": list(s.needs),
+                            "description": s.description, **s.extra} for s in stages]}
+    if preset.get("warning"):
+        pipeline["warning"] = preset["warning"]
+    (out / "pipeline.json").write_text(json.dumps(pipeline, indent=2) + "\n")
+
+    env = dict(os.environ)
+    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+    began = time.monotonic()
+    started: dict[str, float] = {}
+    took: list[float] = []  # seconds of each stage that ran (reused ones take none)
+
+    def progress(index: int, total: int, stage, state: str) -> None:
+        now = time.monotonic()
+        if state == "done":
+            if stage.name in started:
+                took.append(now - started.pop(stage.name))
+            return
+        left = f", about {_clock(sum(took) / len(took) * (total - index + 1))} left" if took else ""
+        print(f"[{index}/{total}] {stage.name}: {state} ({stage.description}; {_clock(now - began)} elapsed{left})",
+              flush=True)
+        if state != "reuse":
+            started[stage.name] = now
+
+    runner = StageRunner(out, env=env, progress=progress)
+    if args.dry_run:
+        for stage, action in runner.plan(stages):
+            print(f"{stage.name}: {action}")
+            for command in stage.commands:
+                print(f"    {printable(command.argv())}")
+        return 0
+    try:
+        runner.run(stages)
+    except StageFailed as exc:
+        print(f"muscle reproduce: {exc}", file=sys.stderr)
+        build_report(out)
+        return 1
+    report = build_report(out)
+    print(f"\nAll {len(stages)} stages done in {_clock(time.monotonic() - began)}. Report: {report}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    try:
+        pipeline = json.loads((out / "pipeline.json").read_text())
+    except (OSError, ValueError):
+        print(f"muscle status: {out} holds no pipeline.json; give the --out folder of `muscle reproduce`",
+              file=sys.stderr)
+        return 2
+    print(f"{pipeline['preset']} preset on {pipeline['data_name']} (seed {pipeline['seed']})")
+    for stage in pipeline["stages"]:
+        try:
+            state = json.loads((Path(stage["output_dir"]) / "stage.json").read_text())
+        except (OSError, ValueError):
+            state = {}
+        wall = f"{state['wall_s']:.0f} s" if "wall_s" in state else ""
+        print(f"  {stage['name']:<28} {state.get('status', 'not started'):<12} {wall}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .pipeline import build_report
+
+    print(build_report(args.out))
+    return 0
+
+
+def _export_zoo(args: argparse.Namespace) -> int:
+    from .zoo import export_bundle
+
+    print(export_bundle(args.bundle, args.out))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``muscle`` console script (see the module docstring); returns the exit status."""
+    from .pipeline import PRESETS
+
+    parser = argparse.ArgumentParser(prog="muscle", description="MUSCLE main job: pre-training, continual learning "
+                                     "and fine-tuning from every start, compared in one report.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    reproduce = verbs.add_parser("reproduce", help="run the whole comparison and write its report")
+    presets = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+    reproduce.add_argument("--preset", default="quick", help=f"{presets}, or a preset YAML file of yours")
+    reproduce.add_argument("--data", help="the folder the preset's datalists are in ({data} in the preset)")
+    reproduce.add_argument("--out", required=True, help="the job's folder: stages, logs, mlflow.db, report.md")
+    reproduce.add_argument("--imagenet-weights", help="a local torchvision/timm ResNet state dict: adds the ImageNet "
+                           "start (nothing is downloaded)")
+    reproduce.add_argument("--seed", type=int, default=0)
+    reproduce.add_argument("--dry-run", action="store_true", help="print what would run (or be reused), run nothing")
+    reproduce.set_defaults(run=_reproduce)
+    status = verbs.add_parser("status", help="which stages of a job are done")
+    status.add_argument("out")
+    status.set_defaults(run=_status)
+    report = verbs.add_parser("report", help="rebuild report.md from a job's finished stages")
+    report.add_argument("out")
+    report.set_defaults(run=_report)
+    export = verbs.add_parser("export-zoo", help="a bundle folder for the MONAI model zoo, muscle_ext in scripts/")
+    export.add_argument("bundle")
+    export.add_argument("out")
+    export.set_defaults(run=_export_zoo)
+    args = parser.parse_args(argv)
+    from .settings import SettingsError
+
+    try:
+        return args.run(args)
+    except (SettingsError, FileNotFoundError, FileExistsError) as exc:
+        print(f"muscle {args.verb}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

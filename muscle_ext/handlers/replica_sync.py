@@ -1,0 +1,104 @@
+"""Data-parallel training of a multi-task network whose tasks share one backbone.
+
+``DistributedDataParallel`` synchronises the gradients of the parameters used by *its* ``forward``; the continual
+trainer calls one task model at a time (each a head on the shared backbone), so no single module's forward covers a
+step. :class:`ReplicaSync` does DDP's two jobs around any forward instead, with Ignite's distributed helpers:
+
+- before each step, the module's buffers (batch-norm running statistics) are broadcast from rank 0, as DDP does with
+  ``broadcast_buffers=True``;
+- after backward (``IterationEvents.BACKWARD_COMPLETED``, before the optimiser step), every parameter's gradient is
+  averaged over the processes. Every rank trains the same task at the same step (the schedule is seeded alike), so
+  the same parameters have gradients everywhere; a loss term added before backward (cross-task memorization) is
+  part of the averaged gradient.
+
+At the start the parameters and buffers are broadcast from rank 0 (as DDP's constructor does), and at the end
+(``verify=True``) every rank's parameters are compared with rank 0's: a replica that drifted raises instead of
+saving a model that only one rank had. Without an initialised process group the handler does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
+from torch import nn
+
+__all__ = ["ReplicaSync", "handlers_for_rank"]
+
+logger = logging.getLogger(__name__)
+
+
+class ReplicaSync:
+    """Keep the replicas of ``module`` identical across processes (see the module docstring).
+
+    Args:
+        module: the network every rank trains (e.g. the ``nn.ModuleDict`` of task models on one backbone).
+        verify: compare every rank's parameters with rank 0's when training completes.
+        atol: the largest parameter difference ``verify`` accepts (float summation order may differ by rank).
+
+    Raises:
+        RuntimeError: at completion, when ``verify`` finds a parameter that differs from rank 0's by more than
+            ``atol``.
+    """
+
+    def __init__(self, module: nn.Module, verify: bool = True, atol: float = 1e-5) -> None:
+        self.module = module
+        self.verify = verify
+        self.atol = atol
+
+    def attach(self, engine: Engine) -> None:
+        if idist.get_world_size() < 2:
+            return
+        engine.add_event_handler(Events.STARTED, self._broadcast, True)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._broadcast, False)
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._average_gradients)
+        if self.verify:
+            engine.add_event_handler(Events.COMPLETED, self.check_in_sync)
+
+    def _broadcast(self, engine: Engine, parameters: bool) -> None:
+        tensors = list(self.module.buffers()) + (list(self.module.parameters()) if parameters else [])
+        with torch.no_grad():
+            for tensor in tensors:
+                tensor.copy_(idist.broadcast(tensor.detach(), src=0))
+
+    def _average_gradients(self, engine: Engine) -> None:
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])  # one collective per step, not one per tensor
+        flat = idist.all_reduce(flat) / idist.get_world_size()
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+
+    def check_in_sync(self, engine: Engine | None = None) -> float:
+        """The largest difference of any parameter from rank 0's (the same on every rank); raises above ``atol``."""
+        with torch.no_grad():
+            flat = torch.cat([p.detach().reshape(-1).float() for p in self.module.parameters()])
+            reference = idist.broadcast(flat.clone(), src=0)
+            worst = idist.all_reduce((flat - reference).abs().max(), op="MAX")
+        worst = float(worst)
+        if worst > self.atol:
+            raise RuntimeError(f"replicas drifted apart: rank {idist.get_rank()} parameters differ from rank 0's by up "
+                               f"to {worst:.3g}")
+        logger.info(f"replicas in sync on {idist.get_world_size()} processes (largest parameter difference "
+                    f"{worst:.3g})")
+        return worst
+
+
+def handlers_for_rank(handlers: list, rank: int) -> list:
+    """The handlers a data-parallel process attaches: all of them on rank 0; on the others, those that take part in
+    training or validation (schedules, validation runs, loss terms), without the ones that only log or write
+    (``StatsHandler``, ``ProgressBar``, MLflow tracking, backbone export), which rank 0 does for all. ``None``
+    entries (disabled handlers) are dropped."""
+    from ignite.handlers import ProgressBar
+    from monai.handlers import MLFlowHandler, StatsHandler
+
+    from .backbone_export import BackboneExporter
+
+    reporters = (StatsHandler, ProgressBar, MLFlowHandler, BackboneExporter)
+    return [h for h in handlers if h is not None and (rank == 0 or not isinstance(h, reporters))]

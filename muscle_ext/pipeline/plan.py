@@ -1,0 +1,149 @@
+"""The main job as stages: a preset (a YAML file naming each bundle's configs, overrides and the downstream tasks)
+and a data folder become the list of :class:`~muscle_ext.pipeline.runner.Stage` objects that ``muscle reproduce``
+runs: MD-MoCo pre-training -> continual learning from it (one stage per variant: MUSCLE, MUSCLE--) -> for every
+downstream task and every starting point, fine-tuning then evaluation on the task's test split.
+
+A preset's keys (``presets/quick.yaml`` is the reference):
+
+- ``description``: one line for the report;
+- ``pretrain``: ``configs`` (of ``bundles/muscle_pretrain``), ``overrides``;
+- ``continual``: ``configs``, ``overrides`` and ``variants`` (``{name: overrides}``; each starts from the MD-MoCo
+  backbone);
+- ``downstream``: ``configs`` merged after the task's config (e.g. ``quick.yaml``), ``overrides`` for fine-tuning,
+  ``starts`` (``scratch``, ``imagenet``, ``md_moco`` or a continual variant), ``tasks`` (``{name: {config,
+  datalist, overrides}}``; ``config`` is a task config of ``bundles/downstream``).
+
+``{data}`` in any value stands for the data folder; nothing else names a folder. ``imagenet`` is a start only when a
+local ImageNet weights file is given (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..settings import SettingsError
+from .runner import BundleCommand, Stage
+
+__all__ = ["PRESETS", "build_stages", "load_preset"]
+
+PRESETS = Path(__file__).with_name("presets")
+PRESET_KEYS = ("description", "pretrain", "continual", "downstream")
+
+
+def load_preset(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """A preset by name (``quick``; the files in ``muscle_ext/pipeline/presets``) or as a YAML file of your own.
+
+    Raises:
+        SettingsError: an unknown preset name, or keys the preset format does not have (each named).
+    """
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESETS / f"{name_or_path}.yaml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+            raise SettingsError(f"unknown preset '{name_or_path}'; the presets are: {known} (or a YAML file of yours)")
+    elif not path.is_file():
+        raise FileNotFoundError(f"preset file {path} does not exist")
+    preset = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(preset) - set(PRESET_KEYS))
+    if unknown:
+        raise SettingsError(f"{path.name}: unknown preset keys {', '.join(unknown)}; known: {', '.join(PRESET_KEYS)}")
+    preset["name"] = path.stem
+    return preset
+
+
+def _fill(value: Any, data: Path) -> Any:
+    if isinstance(value, str):
+        return value.replace("{data}", str(data))
+    if isinstance(value, Mapping):
+        return {k: _fill(v, data) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, data) for v in value]
+    return value
+
+
+def _datalists(overrides: Mapping[str, Any]) -> list[Path]:
+    """The datalists an override set names (their bytes are part of the stage's fingerprint)."""
+    return [Path(v) for v in overrides.values() if isinstance(v, str) and v.endswith(".json")]
+
+
+def _json_inputs(overrides: Mapping[str, Any]) -> tuple[Path, ...]:
+    return tuple(p for p in _datalists(overrides) if p.is_file())
+
+
+def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | os.PathLike,
+                 imagenet_weights: str | os.PathLike | None = None, seed: int = 0) -> list[Stage]:
+    """The stages of ``preset`` on ``data``, with their folders under ``out`` (see the module docstring).
+
+    Raises:
+        FileNotFoundError: a datalist the preset names is missing under ``data`` (named, with what to do).
+        SettingsError: a start that no stage makes (e.g. ``imagenet`` without ``imagenet_weights``).
+    """
+    data, out = Path(data).resolve(), Path(out).absolute()
+    preset = _fill(dict(preset), data)
+    stages: list[Stage] = []
+    common = {"seed": seed}
+
+    pre = preset["pretrain"]
+    pre_overrides = {**pre.get("overrides", {}), **common, "output_dir": out / "md_moco"}
+    missing = [p for p in _datalists(pre_overrides) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"no datalist at {missing[0]}: point --data at a folder with the preset's datalists, or give a preset "
+            "file of yours (--preset my_pipeline.yaml) that names your own")
+    stages.append(Stage("md_moco", out / "md_moco", [BundleCommand("muscle_pretrain", tuple(pre["configs"]),
+                                                                   pre_overrides)],
+                        inputs=_json_inputs(pre_overrides), outputs=("models/backbone.pt",),
+                        description="MD-MoCo pre-training on the pooled images", extra={"kind": "pretrain"}))
+    backbones = {"md_moco": out / "md_moco" / "models" / "backbone.pt"}
+
+    cont = preset.get("continual") or {}
+    for variant, extra in (cont.get("variants") or {}).items():
+        overrides = {**cont.get("overrides", {}), **(extra or {}), **common, "init": "checkpoint",
+                     "init_weights": backbones["md_moco"], "output_dir": out / variant}
+        stages.append(Stage(variant, out / variant, [BundleCommand("muscle_continual", tuple(cont["configs"]),
+                                                                   overrides)],
+                            needs=("md_moco",), inputs=_json_inputs(overrides),
+                            outputs=("models/backbone.pt", "forgetting.json"),
+                            description=f"continual learning ({variant}) from MD-MoCo",
+                            extra={"kind": "continual", "variant": variant}))
+        backbones[variant] = out / variant / "models" / "backbone.pt"
+
+    down = preset["downstream"]
+    starts = list(down["starts"])
+    if imagenet_weights is not None and "imagenet" not in starts:
+        starts.insert(1, "imagenet")
+    for start in starts:
+        if start == "imagenet" and imagenet_weights is None:
+            raise SettingsError("start 'imagenet' needs a local weights file: --imagenet-weights <torchvision/timm "
+                                "ResNet state dict> (nothing is downloaded)")
+        if start not in ("scratch", "imagenet") and start not in backbones:
+            raise SettingsError(f"start '{start}' is made by no stage; starts: scratch, imagenet, "
+                                f"{', '.join(backbones)}")
+    for task, spec in down["tasks"].items():
+        datalist = Path(spec["datalist"])
+        if not datalist.is_file():
+            raise FileNotFoundError(f"task {task}: no datalist at {datalist}: point --data at a folder with the "
+                                    "preset's datalists, or give a preset file of yours that names your own")
+        for start in starts:
+            name = f"{task}_{start}"
+            folder = out / "downstream" / name
+            init: dict[str, Any] = {"init": "scratch"}
+            needs: tuple[str, ...] = ()
+            if start == "imagenet":
+                init = {"init": "imagenet", "init_weights": Path(imagenet_weights).absolute()}  # type: ignore[arg-type]
+            elif start != "scratch":
+                init, needs = {"init": "checkpoint", "init_weights": backbones[start]}, (start,)
+            where = {"datalist": datalist, "output_dir": folder, **common}
+            train = BundleCommand("downstream", ("common.yaml", spec["config"], *down.get("configs", ())),
+                                  {**down.get("overrides", {}), **spec.get("overrides", {}), **where, **init})
+            evaluate = BundleCommand("downstream", ("common.yaml", spec["config"], "evaluate.yaml"), where)
+            stages.append(Stage(name, folder, [train, evaluate], needs=needs, inputs=(datalist,),
+                                outputs=("metrics.json",), description=f"{task} from {start}",
+                                extra={"kind": "downstream", "task": task, "start": start}))
+    return stages

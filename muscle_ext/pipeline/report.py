@@ -1,0 +1,163 @@
+"""The main job's report: the paper's comparison, built only from the files the stages wrote.
+
+:func:`build_report` reads ``<root>/pipeline.json`` (what ``muscle reproduce`` planned: preset, data, stages) and each
+stage's ``stage.json`` and outputs, and writes ``<root>/report.md``:
+
+- per downstream task, every starting point's test metrics with their 95 % bootstrap intervals (the evaluate
+  reports' ``metrics.json``), and the paired difference of each start against Scratch and against MD-MoCo over the
+  same test cases (:func:`muscle_ext.metrics.paired_difference`), with a line that says whether the ranking the paper
+  reports (MD-MoCo above Scratch, MUSCLE at least MUSCLE--) holds here and whether the intervals can tell;
+- the continual stage's forgetting summary per variant (average score, BWT, FWT, forgetting; ``forgetting.json``);
+- every stage's wall time, peak memory and the exact commands it ran (each runnable on its own).
+
+A stage that has not finished is listed as missing; no number is filled in.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from ..metrics import paired_difference
+
+__all__ = ["HEADLINE", "build_report"]
+
+# the metrics shown per task kind (evaluate's metrics.json keys); the first one is the headline for comparisons
+HEADLINE = {"classification": ("roc_auc", "accuracy", "sensitivity", "specificity"), "segmentation": ("dice", "miou"),
+            "regression": ("mae", "rmse"), "detection": ("map", "ap50")}
+LOWER_IS_BETTER = {"mae", "rmse"}
+NAMES = {"scratch": "Scratch", "imagenet": "ImageNet", "md_moco": "MD-MoCo", "muscle_minus": "MUSCLE--",
+         "muscle": "MUSCLE"}
+
+
+def _fmt(entry: Any) -> str:
+    if isinstance(entry, (int, float)):
+        return f"{entry:.3f}" if math.isfinite(entry) else "n/a"
+    if not isinstance(entry, dict) or entry.get("value") is None or not math.isfinite(entry["value"]):
+        return "n/a"
+    low, high = entry.get("ci_low"), entry.get("ci_high")
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return f"{entry['value']:.3f}"
+    return f"{entry['value']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _verdict(name: str, diff: dict | None, lower_is_better: bool, strict: bool = True) -> str:
+    """``name: yes|no (difference [CI]; whether the interval excludes 0)``."""
+    if not diff:
+        return f"{name}: not measured"
+    value, low, high = diff["value"], diff["ci_low"], diff["ci_high"]
+    gain = -value if lower_is_better else value
+    holds = gain > 0 if strict else gain >= 0
+    clear = all(math.isfinite(x) for x in (low, high)) and (high < 0 or low > 0)
+    tell = "the interval excludes 0" if clear else "the interval includes 0: cannot tell"
+    return f"{name}: {'yes' if holds else 'no'} ({_fmt(diff)}; {tell})"
+
+
+def _paired(stage: dict, reference: dict, headline: str, n_resamples: int) -> dict | None:
+    """The paired difference ``stage - reference`` of the headline metric, or ``None`` without per-case scores."""
+    mine, theirs = Path(stage["output_dir"]) / "per_case.csv", Path(reference["output_dir"]) / "per_case.csv"
+    if not (mine.is_file() and theirs.is_file()):
+        return None  # detection: no per-image scores
+    return paired_difference(mine, theirs, n_resamples).get(headline)
+
+
+def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
+    """Write ``<root>/report.md`` from a main job's folder; returns its path.
+
+    Raises:
+        FileNotFoundError: ``root`` holds no ``pipeline.json`` (not a ``muscle reproduce`` folder).
+    """
+    root = Path(root)
+    pipeline = _read_json(root / "pipeline.json")
+    if pipeline is None:
+        raise FileNotFoundError(f"{root}: no pipeline.json; give the --out folder of `muscle reproduce`")
+    stages = pipeline["stages"]
+    states = {s["name"]: _read_json(Path(s["output_dir"]) / "stage.json") or {} for s in stages}
+    done = {name for name, state in states.items() if state.get("status") == "done"}
+    lines = [f"# MUSCLE main job: {pipeline['preset']} preset", "",
+             f"{pipeline.get('description', '')}", "",
+             f"Data: `{pipeline['data_name']}`; seed {pipeline['seed']}; {len(done)} of {len(stages)} stages "
+             f"finished. Built from the files of the runs listed at the end (`muscle report {root.name}` rebuilds it).",
+             "Test metrics with 95 % percentile bootstrap intervals; Δ: paired difference over the same test cases."]
+    if pipeline.get("warning"):
+        lines += ["", f"**{pipeline['warning']}**"]
+
+    tasks: dict[str, dict[str, dict]] = {}
+    for stage in stages:
+        if stage.get("kind") == "downstream":
+            tasks.setdefault(stage["task"], {})[stage["start"]] = stage
+    for task, by_start in tasks.items():
+        metrics = {start: _read_json(Path(s["output_dir"]) / "metrics.json") for start, s in by_start.items()
+                   if s["name"] in done}
+        kind = next((m.get("task") for m in metrics.values() if m), None)
+        names = HEADLINE.get(kind or "", ())
+        n = next((m.get("n") for m in metrics.values() if m), "?")
+        lines += ["", f"## {task} ({kind or 'not evaluated yet'}, test n = {n})", ""]
+        if not names:
+            lines.append("No finished evaluation yet.")
+            continue
+        headline = names[0]
+        lower = headline in LOWER_IS_BETTER
+        lines += ["| start | " + " | ".join(names) + f" | Δ {headline} vs Scratch | Δ {headline} vs MD-MoCo |",
+                  "|---|" + "---|" * (len(names) + 2)]
+        diffs: dict[str, dict[str, dict | None]] = {}
+        for start, stage in by_start.items():
+            report = metrics.get(start)
+            if not report:
+                lines.append(f"| {NAMES.get(start, start)} | " + " | ".join("missing" for _ in names) + " | | |")
+                continue
+            row = [NAMES.get(start, start), *(_fmt(report.get(m)) for m in names)]
+            diffs[start] = {}
+            for reference in ("scratch", "md_moco"):
+                diff = None
+                if reference != start and metrics.get(reference):
+                    diff = _paired(stage, by_start[reference], headline, n_resamples)
+                diffs[start][reference] = diff
+                row.append(_fmt(diff) if diff else "")
+            lines.append("| " + " | ".join(row) + " |")
+        checks = []
+        if "md_moco" in diffs:
+            checks.append(_verdict("MD-MoCo above Scratch", diffs["md_moco"].get("scratch"), lower))
+        if metrics.get("muscle") and metrics.get("muscle_minus"):
+            diff = _paired(by_start["muscle"], by_start["muscle_minus"], headline, n_resamples)
+            checks.append(_verdict("MUSCLE at least MUSCLE--", diff, lower, strict=False))
+        if checks:
+            lines += ["", "Does the paper's ranking hold here? " + "; ".join(checks) + "."]
+
+    continual = [s for s in stages if s.get("kind") == "continual"]
+    if continual:
+        lines += ["", "## Continual stage: forgetting", "",
+                  "| variant | average final score | BWT | FWT | mean forgetting | matrix |",
+                  "|---|---|---|---|---|---|"]
+        for stage in continual:
+            summary = (_read_json(Path(stage["output_dir"]) / "forgetting.json") or {}).get("summary", {})
+            png = Path(stage["output_dir"]) / "forgetting_matrix.png"
+            link = f"[png]({os.path.relpath(png, root)})" if png.is_file() else "missing"
+            lines.append(f"| {NAMES.get(stage['name'], stage['name'])} | "
+                         + " | ".join(_fmt(summary.get(k)) for k in ("average", "bwt", "fwt", "mean_forgetting"))
+                         + f" | {link} |")
+
+    lines += ["", "## Stages", "", "| stage | status | wall (s) | peak RSS (GiB) | log |", "|---|---|---|---|---|"]
+    for stage in stages:
+        state = states[stage["name"]]
+        logs = ", ".join(f"[{i + 1}]({os.path.relpath(Path(stage['output_dir']) / c['log'], root)})"
+                         for i, c in enumerate(state.get("commands", [])))
+        lines.append(f"| {stage['name']} | {state.get('status', 'not started')} | {state.get('wall_s', '')} | "
+                     f"{state.get('peak_rss_gib', '')} | {logs} |")
+    lines += ["", "Each stage on its own (the commands it ran, in order):", ""]
+    for stage in stages:
+        for command in states[stage["name"]].get("commands", []):
+            lines.append(f"- {stage['name']}: `{command['command']}`")
+    path = root / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,231 @@
+"""Stages of the main job: bundle runs, each as users run it (``python -m monai.bundle run``), reused when finished.
+
+A :class:`Stage` is one or more bundle commands (e.g. fine-tune, then evaluate) with an output folder. Its
+``fingerprint`` is a SHA-256 of everything that decides its result: the bundle config files' bytes, the overrides,
+the fingerprints of the stages it reads from, the bytes of the datalists it names and the ``muscle_ext`` version.
+:class:`StageRunner` keeps a ``stage.json`` beside each output folder:
+
+- finished with the same fingerprint: the stage is reused, nothing runs;
+- started with the same fingerprint but not finished (a killed run): its commands run again into the same folder,
+  and each bundle resumes from its newest checkpoint (a bundle whose run finished says so and does nothing);
+- any other fingerprint (a changed setting, datalist or upstream stage): the old folder moves to
+  ``<root>/superseded/<stage>-<old fingerprint>`` (nothing is deleted) and the stage runs from the start.
+
+Each command runs in its own process (MONAI's CLI is the bundle API users have; a process per stage also isolates
+global state, memory and a crash), with its output in ``<stage>/logs/<n>.log``; wall time and the process's own peak
+RSS (``os.wait4``) are recorded in ``stage.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BundleCommand", "Stage", "StageFailed", "StageRunner", "bundle_command", "printable", "run_command"]
+
+REPO_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
+
+
+class StageFailed(RuntimeError):
+    """A bundle command of a stage exited with an error; the message names the stage and its log file."""
+
+
+def bundle_command(bundle: str | os.PathLike, configs: Sequence[str], overrides: Mapping[str, Any]) -> list[str]:
+    """``python -m monai.bundle run`` of ``bundle``'s ``configs`` (file names in its ``configs/``, merged in order)
+    with ``--key value`` overrides, as a list of arguments."""
+    root = Path(bundle)
+    files = [str(root / "configs" / c) for c in configs]
+    config_file = json.dumps(files) if len(files) > 1 else files[0]  # a list python-fire reads, easy to quote
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file,
+           "--bundle_root", str(root), "--logging_file", str(root / "configs" / "logging.conf")]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return cmd
+
+
+def printable(cmd: Sequence[str]) -> str:
+    """The command as reports show it (``python`` for whichever interpreter ran it; arguments shell-quoted)."""
+    import shlex
+
+    return " ".join(["python", *(shlex.quote(str(c)) for c in cmd[1:])])
+
+
+def run_command(cmd: Sequence[str], log: str | os.PathLike, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cmd`` with its output in ``log``. Returns ``{"command", "wall_s", "peak_rss_gib", "returncode"}``:
+    the run's own peak resident memory (``os.wait4``), not the maximum over every child of this process."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=None if env is None else dict(env))
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:  # e.g. Ctrl-C: do not leave the training run behind
+            proc.kill()
+            proc.wait()
+            raise
+    return {"command": printable(cmd), "wall_s": round(time.perf_counter() - start, 1),
+            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "returncode": os.waitstatus_to_exitcode(status)}
+
+
+@dataclass(frozen=True)
+class BundleCommand:
+    """One ``python -m monai.bundle run`` of a stage: a bundle of this repository, its config files, overrides."""
+
+    bundle: str                     # folder name under bundles/: muscle_pretrain, muscle_continual, downstream
+    configs: tuple[str, ...]
+    overrides: Mapping[str, Any]
+
+    def argv(self) -> list[str]:
+        return bundle_command(REPO_BUNDLES / self.bundle, self.configs, self.overrides)
+
+
+@dataclass
+class Stage:
+    """A step of the main job. ``needs``: names of the stages whose outputs it reads; ``inputs``: files whose bytes
+    decide its result (datalists); ``outputs``: files, relative to ``output_dir``, that it must leave behind."""
+
+    name: str
+    output_dir: Path
+    commands: list[BundleCommand]
+    needs: tuple[str, ...] = ()
+    inputs: tuple[Path, ...] = ()
+    outputs: tuple[str, ...] = ()
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class StageRunner:
+    """Run :class:`Stage` objects in order under ``root``, reusing finished ones (see the module docstring).
+
+    Args:
+        root: the main job's folder (stages in ``<root>/<stage name>``).
+        env: environment of the bundle processes (e.g. ``MLFLOW_TRACKING_URI``); default: this process's.
+        progress: called with ``(index, total, stage, state)`` as each stage starts (``state``: ``run``, ``resume``,
+            ``rerun`` or ``reuse``) and with ``state`` ``done`` as it ends.
+    """
+
+    def __init__(self, root: str | os.PathLike, env: Mapping[str, str] | None = None,
+                 progress: Callable[[int, int, Stage, str], None] | None = None) -> None:
+        self.root = Path(root)
+        self.env = env
+        self.progress = progress or (lambda *args: None)
+        self.fingerprints: dict[str, str] = {}
+
+    # ------------------------------------------------------------------------------------------ fingerprints
+    def fingerprint(self, stage: Stage) -> str:
+        import muscle_ext
+
+        digest = hashlib.sha256(json.dumps({"muscle_ext": muscle_ext.__version__, "name": stage.name}).encode())
+        for command in stage.commands:
+            digest.update(json.dumps([command.bundle, list(command.configs),
+                                      {k: str(v) for k, v in command.overrides.items()}]).encode())
+            for config in command.configs:
+                digest.update((REPO_BUNDLES / command.bundle / "configs" / config).read_bytes())
+        for need in stage.needs:
+            digest.update(self.fingerprints[need].encode())
+        for path in stage.inputs:
+            digest.update(_file_digest(Path(path)).encode())
+        return digest.hexdigest()
+
+    @staticmethod
+    def state_file(stage: Stage) -> Path:
+        return stage.output_dir / "stage.json"
+
+    @classmethod
+    def read_state(cls, stage: Stage) -> dict[str, Any] | None:
+        path = cls.state_file(stage)
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _write_state(self, stage: Stage, state: dict[str, Any]) -> None:
+        path = self.state_file(stage)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------------------------------ running
+    def plan(self, stages: Sequence[Stage]) -> list[tuple[Stage, str]]:
+        """``[(stage, what will happen)]`` without running anything: ``reuse``, ``resume``, ``rerun`` or ``run``."""
+        out = []
+        for stage in stages:
+            self.fingerprints[stage.name] = fingerprint = self.fingerprint(stage)
+            state = self.read_state(stage)
+            if state is None:
+                action = "rerun" if stage.output_dir.exists() and any(stage.output_dir.iterdir()) else "run"
+            elif state.get("fingerprint") != fingerprint:
+                action = "rerun"
+            elif state.get("status") == "done" and all((stage.output_dir / o).exists() for o in stage.outputs):
+                action = "reuse"
+            else:
+                action = "resume"
+            out.append((stage, action))
+        return out
+
+    def run(self, stages: Sequence[Stage]) -> dict[str, dict[str, Any]]:
+        """Run (or reuse) every stage in order; returns ``{stage: its stage.json content}``.
+
+        Raises:
+            StageFailed: a command exited with an error (the stage stays resumable: run again to continue).
+        """
+        results = {}
+        planned = self.plan(stages)
+        for index, (stage, action) in enumerate(planned, 1):
+            self.progress(index, len(planned), stage, action)
+            if action == "rerun" and stage.output_dir.exists():
+                old = (self.read_state(stage) or {}).get("fingerprint", "unknown")[:12]
+                target = self.root / "superseded" / f"{stage.name}-{old}-{int(time.time())}"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(stage.output_dir), str(target))
+            if action != "reuse":
+                self._run_stage(stage)
+            results[stage.name] = self.read_state(stage) or {}
+            self.progress(index, len(planned), stage, "done")
+        return results
+
+    def _run_stage(self, stage: Stage) -> None:
+        logs = stage.output_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        state: dict[str, Any] = {"stage": stage.name, "description": stage.description,
+                                 "fingerprint": self.fingerprints[stage.name], "status": "running",
+                                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                 "needs": list(stage.needs), "commands": [], **stage.extra}
+        self._write_state(stage, state)
+        for n, command in enumerate(stage.commands, 1):
+            log = logs / f"{n}_{command.bundle}.log"
+            result = run_command(command.argv(), log, self.env)
+            result["log"] = str(log.relative_to(stage.output_dir))
+            state["commands"].append(result)
+            if result["returncode"] != 0:
+                state["status"] = "failed"
+                self._write_state(stage, state)
+                raise StageFailed(f"stage {stage.name}: {command.bundle} exited with {result['returncode']}; the "
+                                  f"last lines of {log} say why. Run the same command again to resume.")
+        missing = [o for o in stage.outputs if not (stage.output_dir / o).exists()]
+        if missing:
+            state["status"] = "failed"
+            self._write_state(stage, state)
+            raise StageFailed(f"stage {stage.name} finished without {', '.join(missing)} (see {logs})")
+        state.update(status="done", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     wall_s=round(sum(c["wall_s"] for c in state["commands"]), 1),
+                     peak_rss_gib=max(c["peak_rss_gib"] for c in state["commands"]))
+        self._write_state(stage, state)

@@ -1,0 +1,191 @@
+"""The main job (`muscle reproduce`) on the real corpus with a tiny preset of the same shape as `quick`: every stage
+runs as its bundle's own command, a finished stage is reused, a changed setting reruns what depends on it (the old
+folders kept), a killed job resumes, and the report is built only from what the stages wrote. The report builder
+is also checked on fixed metric files, table by table."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from muscle_ext.cli import main
+from muscle_ext.pipeline import build_report, build_stages, load_preset
+from muscle_ext.settings import SettingsError
+
+from tests.bundle_utils import REPO, bundle_env
+
+TINY = {
+    "description": "tiny: the quick preset's stages at test size",
+    "pretrain": {"configs": ["train.yaml"],
+                 "overrides": {"pretrain_datalist": "{data}/pretrain_datalist.json",
+                               "image_size": 32, "batch_size": 8, "num_epochs": 1, "warmup_epochs": 0,
+                               "queue_size": 16, "train#sampler#num_samples": 32, "num_workers": 0, "amp": False,
+                               "cache": "none"}},
+    "continual": {"configs": ["train.yaml"],
+                  "overrides": {"tasks": "['pneumonia','lung']", "image_size": 32, "batch_size": 8, "rounds": 1,
+                                "steps_per_visit": 2, "max_items": 16, "num_workers": 0,
+                                "task_specs#pneumonia#datalist": "{data}/pneumonia_nih/datalist.json",
+                                "task_specs#lung#datalist": "{data}/lung_seg_cxr/datalist.json"},
+                  "variants": {"muscle": {}, "muscle_minus": {"reshuffle": False, "memorization_weight": 0.0}}},
+    "downstream": {"configs": [], "overrides": {"image_size": 32, "batch_size": 8, "num_epochs": 1, "max_items": 24,
+                                                "num_workers": 0, "n_bootstrap": 100, "log_models": False},
+                   "starts": ["scratch", "md_moco", "muscle_minus", "muscle"],
+                   "tasks": {"pneumonia": {"config": "classification.yaml",
+                                           "datalist": "{data}/pneumonia_nih/datalist.json"}}},
+}
+
+
+def _preset(tmp_path: Path, **changes) -> Path:
+    preset = json.loads(json.dumps(TINY))
+    for dotted, value in changes.items():
+        node = preset
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    return path
+
+
+def _reproduce(capsys, *args) -> tuple[int, str]:
+    code = main(["reproduce", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.mark.timeout(900)
+def test_reproduce_reuses_reruns_and_reports(tmp_path, xray_root, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "job"
+    code, said = _reproduce(capsys, "--preset", _preset(tmp_path), "--data", xray_root, "--out", out)
+    assert code == 0, said
+    assert "[1/7] md_moco: run" in said and "[7/7] pneumonia_muscle: run" in said and "about" in said  # time left
+    report = (out / "report.md").read_text()
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    starts = [row.split(" | ")[0][2:] for row in table[1:5]]
+    assert starts == ["Scratch", "MD-MoCo", "MUSCLE--", "MUSCLE"], table
+    assert "Does the paper's ranking hold here? MD-MoCo above Scratch: " in report
+    assert "MUSCLE at least MUSCLE--: " in report and "| MUSCLE | " in report
+    assert report.count("python -m monai.bundle run") == 3 + 4 * 2  # every command, runnable on its own
+    stage_files = sorted(out.rglob("stage.json"))
+    assert len(stage_files) == 7 and all(json.loads(p.read_text())["status"] == "done" for p in stage_files)
+    assert (out / "mlflow.db").is_file()  # one store for the whole comparison
+
+    # the same command again: every stage reused, nothing runs
+    began = time.monotonic()
+    code, said = _reproduce(capsys, "--preset", _preset(tmp_path), "--data", xray_root, "--out", out)
+    assert code == 0 and said.count(": reuse (") == 7 and time.monotonic() - began < 60, said
+
+    # a changed fine-tuning setting reruns the fine-tuning stages only; their old folders are kept
+    code, said = _reproduce(capsys, "--preset", _preset(tmp_path, **{"downstream.overrides.num_epochs": 2}),
+                            "--data", xray_root, "--out", out)
+    assert code == 0, said
+    assert said.count(": reuse (") == 3 and said.count(": rerun (") == 4, said
+    assert len(list((out / "superseded").iterdir())) == 4
+    assert "Epoch: 2/2" in (out / "downstream" / "pneumonia_scratch" / "logs" / "1_downstream.log").read_text()
+
+    # muscle status / muscle report: the report is rebuilt from the files alone, identically
+    assert main(["status", str(out)]) == 0
+    assert "pneumonia_muscle" in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    (out / "report.md").unlink()
+    assert main(["report", str(out)]) == 0 and (out / "report.md").read_text() == report
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_job_resumes_its_stage(tmp_path, xray_root):
+    out = tmp_path / "job"  # MD-MoCo, then one fine-tuning from it: the kill lands in the first stage
+    preset = _preset(tmp_path, **{"pretrain.overrides.num_epochs": 3, "pretrain.overrides.ckpt_interval": 2,
+                                  "continual.variants": {}, "downstream.starts": ["md_moco"]})
+    cmd = [sys.executable, "-m", "muscle_ext.cli", "reproduce", "--preset", str(preset), "--data", str(xray_root),
+           "--out", str(out)]
+    env = bundle_env(default_store=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    checkpoints = out / "md_moco" / "checkpoints"
+    deadline = time.time() + 300
+    while not list(checkpoints.glob("checkpoint_*.pt")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the job and its running bundle, mid-stage
+    proc.wait()
+    state = json.loads((out / "md_moco" / "stage.json").read_text())
+    assert state["status"] == "running"
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[1/2] md_moco: resume" in again.stdout and "[2/2] pneumonia_md_moco: run" in again.stdout
+    log = (out / "md_moco" / "logs" / "1_muscle_pretrain.log").read_text()
+    assert "resuming" in log.lower() and json.loads((out / "md_moco" / "stage.json").read_text())["status"] == "done"
+
+
+def test_no_data_and_unknown_presets_say_what_to_do(tmp_path, capsys):
+    assert main(["reproduce", "--out", str(tmp_path / "x")]) == 2
+    assert "Point --data at a folder with the preset's datalists" in capsys.readouterr().err
+    assert main(["reproduce", "--preset", "quik", "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "unknown preset 'quik'; the presets are: quick" in capsys.readouterr().err
+    assert main(["reproduce", "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert f"no datalist at {tmp_path}/pretrain_datalist.json" in capsys.readouterr().err
+    with pytest.raises(SettingsError, match="start 'imagenet' needs a local weights file"):
+        preset = load_preset("quick")
+        preset["downstream"]["starts"] = ["imagenet"]
+        build_stages(preset, REPO.parent / "shared" / "data" / "xray", tmp_path)
+
+
+def _write_stage(root: Path, name: str, kind: str, **extra) -> dict:
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "stage.json").write_text(json.dumps({"status": "done", "wall_s": 12.5, "peak_rss_gib": 1.25,
+                                                   "commands": [{"command": f"python -m monai.bundle run {name}",
+                                                                 "log": "logs/1.log"}]}))
+    return {"name": name, "output_dir": str(folder), "kind": kind, **extra}
+
+
+def test_report_tables_from_fixed_files(tmp_path):
+    labels = [0, 1] * 10
+    scores = {"scratch": [0.4, 0.6] * 10, "md_moco": [0.3, 0.7] * 10,
+              "muscle": [0.2, 0.8] * 9 + [0.9, 0.1]}  # MUSCLE misranks one pair of cases
+    stages = []
+    for start, values in scores.items():
+        stage = _write_stage(tmp_path, f"pneumonia_{start}", "downstream", task="pneumonia", start=start)
+        folder = Path(stage["output_dir"])
+        rows = ["index,label,score", *(f"{i},{y},{s}" for i, (y, s) in enumerate(zip(labels, values, strict=True)))]
+        (folder / "per_case.csv").write_text("\n".join(rows) + "\n")
+        auc = {"scratch": 1.0, "md_moco": 1.0, "muscle": 0.9}[start]
+        (folder / "metrics.json").write_text(json.dumps({
+            "task": "classification", "n": 20, "roc_auc": {"value": auc, "ci_low": auc - 0.1, "ci_high": 1.0},
+            "accuracy": {"value": 0.75, "ci_low": 0.5, "ci_high": 0.9}, "sensitivity": 0.8, "specificity": None}))
+        stages.append(stage)
+    continual = _write_stage(tmp_path, "muscle", "continual", variant="muscle")
+    (Path(continual["output_dir"]) / "forgetting.json").write_text(json.dumps(
+        {"summary": {"average": 0.75, "bwt": -0.05, "fwt": 0.1, "mean_forgetting": 0.02}}))
+    stages.insert(0, continual)
+    (tmp_path / "pipeline.json").write_text(json.dumps({"preset": "fixed", "description": "fixed files",
+                                                        "data_name": "xray", "seed": 0, "stages": stages}))
+    report = build_report(tmp_path, n_resamples=200).read_text().splitlines()
+    start = report.index("## pneumonia (classification, test n = 20)")
+    assert report[start + 2:start + 7] == [
+        "| start | roc_auc | accuracy | sensitivity | specificity | Δ roc_auc vs Scratch | Δ roc_auc vs MD-MoCo |",
+        "|---|---|---|---|---|---|---|",
+        "| Scratch | 1.000 [0.900, 1.000] | 0.750 [0.500, 0.900] | 0.800 | n/a |  | 0.000 [0.000, 0.000] |",
+        "| MD-MoCo | 1.000 [0.900, 1.000] | 0.750 [0.500, 0.900] | 0.800 | n/a | 0.000 [0.000, 0.000] |  |",
+        report[start + 6],
+    ]
+    muscle_row = report[start + 6].split(" | ")
+    assert muscle_row[0] == "| MUSCLE" and muscle_row[1] == "0.900 [0.800, 1.000]"
+    # paired, from the per-case files (not from the reported 0.900): 81 of 100 pairs ranked right, AUC 0.81
+    assert muscle_row[5].startswith("-0.190 [") and muscle_row[6].startswith("-0.190 [")
+    verdict = report[start + 8]
+    assert verdict.startswith("Does the paper's ranking hold here? MD-MoCo above Scratch: no (0.000 [0.000, 0.000]; "
+                              "the interval includes 0: cannot tell)")
+    forgetting = report.index("## Continual stage: forgetting")
+    assert report[forgetting + 4] == "| MUSCLE | 0.750 | -0.050 | 0.100 | 0.020 | missing |"
+    assert "| pneumonia_scratch | done | 12.5 | 1.25 | [1](pneumonia_scratch/logs/1.log) |" in report
