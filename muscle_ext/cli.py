@@ -30,7 +30,7 @@ def _clock(seconds: float) -> str:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from .pipeline import StageFailed, StageRunner, build_report, build_stages, load_preset, printable
+    from .pipeline import Stage, StageFailed, StageRunner, build_report, build_stages, load_preset, printable
 
     preset = load_preset(args.preset)
     if args.data is None:
@@ -40,22 +40,16 @@ def _reproduce(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out).absolute()
     stages = build_stages(preset, args.data, out, imagenet_weights=args.imagenet_weights, seed=args.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    pipeline = {"preset": preset["name"], "description": preset.get("description", ""),
-                "data_name": Path(args.data).absolute().name, "seed": args.seed,
-                "stages": [{"name": s.name, "output_dir": str(s.output_dir), "needs": list(s.needs),
-                            "description": s.description, **s.extra} for s in stages]}
-    if preset.get("warning"):
-        pipeline["warning"] = preset["warning"]
-    (out / "pipeline.json").write_text(json.dumps(pipeline, indent=2) + "\n")
-
+    repository = Path(__file__).resolve().parents[1]
+    # the report's commands name no folder of this machine: <data>, <out>, and bundle paths from the repository root
+    placeholders = {str(Path(args.data).resolve()): "<data>", str(out): "<out>", f"{repository}/": ""}
     env = dict(os.environ)
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
     began = time.monotonic()
     started: dict[str, float] = {}
     took: list[float] = []  # seconds of each stage that ran (reused ones take none)
 
-    def progress(index: int, total: int, stage, state: str) -> None:
+    def progress(index: int, total: int, stage: Stage, state: str) -> None:
         now = time.monotonic()
         if state == "done":
             if stage.name in started:
@@ -67,13 +61,23 @@ def _reproduce(args: argparse.Namespace) -> int:
         if state != "reuse":
             started[stage.name] = now
 
-    runner = StageRunner(out, env=env, progress=progress)
-    if args.dry_run:
+    runner = StageRunner(out, env=env, progress=progress, placeholders=placeholders)
+    if args.dry_run:  # nothing is written
         for stage, action in runner.plan(stages):
             print(f"{stage.name}: {action}")
             for command in stage.commands:
-                print(f"    {printable(command.argv())}")
+                print(f"    {printable(command.argv(), placeholders)}")
         return 0
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline = {"preset": preset["name"], "description": preset.get("description", ""),
+                "data_name": Path(args.data).absolute().name, "seed": args.seed,
+                "placeholders": {"<data>": "the --data folder", "<out>": "this job's folder"},
+                "stages": [{"name": s.name, "output_dir": str(s.output_dir), "needs": list(s.needs),
+                            "description": s.description, **s.extra} for s in stages]}
+    if preset.get("warning"):
+        pipeline["warning"] = preset["warning"]
+    (out / "pipeline.json").write_text(json.dumps(pipeline, indent=2) + "\n")
+
     try:
         runner.run(stages)
     except StageFailed as exc:

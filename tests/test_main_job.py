@@ -77,6 +77,8 @@ def test_reproduce_reuses_reruns_and_reports(tmp_path, xray_root, capsys, monkey
     assert "Does the paper's ranking hold here? MD-MoCo above Scratch: " in report
     assert "MUSCLE at least MUSCLE--: " in report and "| MUSCLE | " in report
     assert report.count("python -m monai.bundle run") == 3 + 4 * 2  # every command, runnable on its own
+    assert "--datalist <data>/pneumonia_nih/datalist.json --output_dir <out>/downstream/pneumonia_scratch" in report
+    assert str(tmp_path) not in report and str(xray_root) not in report and str(REPO) not in report
     stage_files = sorted(out.rglob("stage.json"))
     assert len(stage_files) == 7 and all(json.loads(p.read_text())["status"] == "done" for p in stage_files)
     assert (out / "mlflow.db").is_file()  # one store for the whole comparison

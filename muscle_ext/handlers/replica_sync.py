@@ -5,20 +5,23 @@ trainer calls one task model at a time (each a head on the shared backbone), so 
 step. :class:`ReplicaSync` does DDP's two jobs around any forward instead, with Ignite's distributed helpers:
 
 - before each step, the module's buffers (batch-norm running statistics) are broadcast from rank 0, as DDP does with
-  ``broadcast_buffers=True``;
+  ``broadcast_buffers=True``, and again after it, so that a validation between steps and the saved model see rank
+  0's statistics on every rank;
 - after backward (``IterationEvents.BACKWARD_COMPLETED``, before the optimiser step), every parameter's gradient is
   averaged over the processes. Every rank trains the same task at the same step (the schedule is seeded alike), so
   the same parameters have gradients everywhere; a loss term added before backward (cross-task memorization) is
   part of the averaged gradient.
 
 At the start the parameters and buffers are broadcast from rank 0 (as DDP's constructor does), and at the end
-(``verify=True``) every rank's parameters are compared with rank 0's: a replica that drifted raises instead of
-saving a model that only one rank had. Without an initialised process group the handler does nothing.
+(``verify=True``) every rank's parameters and buffers are compared with rank 0's: a replica that drifted raises
+instead of saving a model that only one rank had. Without an initialised process group the handler does nothing.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 import ignite.distributed as idist
 import torch
@@ -50,10 +53,13 @@ class ReplicaSync:
         self.atol = atol
 
     def attach(self, engine: Engine) -> None:
+        """Register on ``engine`` (a trainer that fires ``IterationEvents.BACKWARD_COMPLETED``); nothing happens
+        without an initialised process group of two or more processes."""
         if idist.get_world_size() < 2:
             return
         engine.add_event_handler(Events.STARTED, self._broadcast, True)
         engine.add_event_handler(Events.ITERATION_STARTED, self._broadcast, False)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._broadcast, False)
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._average_gradients)
         if self.verify:
             engine.add_event_handler(Events.COMPLETED, self.check_in_sync)
@@ -76,9 +82,11 @@ class ReplicaSync:
             offset += grad.numel()
 
     def check_in_sync(self, engine: Engine | None = None) -> float:
-        """The largest difference of any parameter from rank 0's (the same on every rank); raises above ``atol``."""
+        """The largest difference of any parameter or buffer from rank 0's (the same on every rank); raises above
+        ``atol``."""
         with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1).float() for p in self.module.parameters()])
+            tensors = [*self.module.parameters(), *(b for b in self.module.buffers() if b.is_floating_point())]
+            flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
             reference = idist.broadcast(flat.clone(), src=0)
             worst = idist.all_reduce((flat - reference).abs().max(), op="MAX")
         worst = float(worst)
@@ -90,7 +98,7 @@ class ReplicaSync:
         return worst
 
 
-def handlers_for_rank(handlers: list, rank: int) -> list:
+def handlers_for_rank(handlers: Sequence[Any], rank: int) -> list[Any]:
     """The handlers a data-parallel process attaches: all of them on rank 0; on the others, those that take part in
     training or validation (schedules, validation runs, loss terms), without the ones that only log or write
     (``StatsHandler``, ``ProgressBar``, MLflow tracking, backbone export), which rank 0 does for all. ``None``

@@ -53,6 +53,13 @@ def load_preset(name_or_path: str | os.PathLike) -> dict[str, Any]:
     unknown = sorted(set(preset) - set(PRESET_KEYS))
     if unknown:
         raise SettingsError(f"{path.name}: unknown preset keys {', '.join(unknown)}; known: {', '.join(PRESET_KEYS)}")
+    required = {"pretrain": ("configs",), "downstream": ("starts", "tasks")}
+    problems = [f"{section}#{key}" for section, keys in required.items() for key in (section, *keys)[1:]
+                if not isinstance(preset.get(section), Mapping) or key not in preset[section]]
+    problems += [f"downstream#tasks#{task}#{key}" for task, spec in (preset.get("downstream") or {}).get("tasks", {})
+                 .items() for key in ("config", "datalist") if not isinstance(spec, Mapping) or key not in spec]
+    if problems:
+        raise SettingsError(f"{path.name} lacks {', '.join(problems)} (presets/quick.yaml shows every key)")
     preset["name"] = path.stem
     return preset
 
@@ -88,21 +95,28 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
     preset = _fill(dict(preset), data)
     stages: list[Stage] = []
     common = {"seed": seed}
+    pre, cont, down = preset["pretrain"], preset.get("continual") or {}, preset["downstream"]
 
-    pre = preset["pretrain"]
-    pre_overrides = {**pre.get("overrides", {}), **common, "output_dir": out / "md_moco"}
-    missing = [p for p in _datalists(pre_overrides) if not p.is_file()]
+    named = [*_datalists(pre.get("overrides", {})), *_datalists(cont.get("overrides", {})),
+             *(Path(spec["datalist"]) for spec in down["tasks"].values())]
+    missing = [p for p in named if not p.is_file()]
     if missing:
         raise FileNotFoundError(
             f"no datalist at {missing[0]}: point --data at a folder with the preset's datalists, or give a preset "
             "file of yours (--preset my_pipeline.yaml) that names your own")
+    reserved = {"md_moco", "scratch", "imagenet", "downstream", "superseded"}
+    clash = sorted(reserved & set(cont.get("variants") or {}))
+    if clash:
+        raise SettingsError(f"continual variant name {clash[0]!r} is taken (by a start or a folder of the job); "
+                            "rename the variant")
+
+    pre_overrides = {**pre.get("overrides", {}), **common, "output_dir": out / "md_moco"}
     stages.append(Stage("md_moco", out / "md_moco", [BundleCommand("muscle_pretrain", tuple(pre["configs"]),
                                                                    pre_overrides)],
                         inputs=_json_inputs(pre_overrides), outputs=("models/backbone.pt",),
                         description="MD-MoCo pre-training on the pooled images", extra={"kind": "pretrain"}))
     backbones = {"md_moco": out / "md_moco" / "models" / "backbone.pt"}
 
-    cont = preset.get("continual") or {}
     for variant, extra in (cont.get("variants") or {}).items():
         overrides = {**cont.get("overrides", {}), **(extra or {}), **common, "init": "checkpoint",
                      "init_weights": backbones["md_moco"], "output_dir": out / variant}
@@ -114,7 +128,6 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
                             extra={"kind": "continual", "variant": variant}))
         backbones[variant] = out / variant / "models" / "backbone.pt"
 
-    down = preset["downstream"]
     starts = list(down["starts"])
     if imagenet_weights is not None and "imagenet" not in starts:
         starts.insert(1, "imagenet")
@@ -127,23 +140,22 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
                                 f"{', '.join(backbones)}")
     for task, spec in down["tasks"].items():
         datalist = Path(spec["datalist"])
-        if not datalist.is_file():
-            raise FileNotFoundError(f"task {task}: no datalist at {datalist}: point --data at a folder with the "
-                                    "preset's datalists, or give a preset file of yours that names your own")
         for start in starts:
             name = f"{task}_{start}"
             folder = out / "downstream" / name
             init: dict[str, Any] = {"init": "scratch"}
             needs: tuple[str, ...] = ()
+            inputs: tuple[Path, ...] = (datalist,)
             if start == "imagenet":
-                init = {"init": "imagenet", "init_weights": Path(imagenet_weights).absolute()}  # type: ignore[arg-type]
+                weights = Path(imagenet_weights).absolute()  # type: ignore[arg-type]
+                init, inputs = {"init": "imagenet", "init_weights": weights}, (datalist, weights)
             elif start != "scratch":
                 init, needs = {"init": "checkpoint", "init_weights": backbones[start]}, (start,)
             where = {"datalist": datalist, "output_dir": folder, **common}
             train = BundleCommand("downstream", ("common.yaml", spec["config"], *down.get("configs", ())),
                                   {**down.get("overrides", {}), **spec.get("overrides", {}), **where, **init})
             evaluate = BundleCommand("downstream", ("common.yaml", spec["config"], "evaluate.yaml"), where)
-            stages.append(Stage(name, folder, [train, evaluate], needs=needs, inputs=(datalist,),
+            stages.append(Stage(name, folder, [train, evaluate], needs=needs, inputs=inputs,
                                 outputs=("metrics.json",), description=f"{task} from {start}",
                                 extra={"kind": "downstream", "task": task, "start": start}))
     return stages

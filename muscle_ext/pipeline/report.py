@@ -56,6 +56,8 @@ def _verdict(name: str, diff: dict | None, lower_is_better: bool, strict: bool =
     if not diff:
         return f"{name}: not measured"
     value, low, high = diff["value"], diff["ci_low"], diff["ci_high"]
+    if value is None or not math.isfinite(value):
+        return f"{name}: not measured (undefined difference)"
     gain = -value if lower_is_better else value
     holds = gain > 0 if strict else gain >= 0
     clear = all(math.isfinite(x) for x in (low, high)) and (high < 0 or low > 0)
@@ -68,7 +70,10 @@ def _paired(stage: dict, reference: dict, headline: str, n_resamples: int) -> di
     mine, theirs = Path(stage["output_dir"]) / "per_case.csv", Path(reference["output_dir"]) / "per_case.csv"
     if not (mine.is_file() and theirs.is_file()):
         return None  # detection: no per-image scores
-    return paired_difference(mine, theirs, n_resamples).get(headline)
+    try:
+        return paired_difference(mine, theirs, n_resamples).get(headline)
+    except ValueError:  # evaluated on other cases (another split or max_items): not comparable case by case
+        return None
 
 
 def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
@@ -140,6 +145,9 @@ def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
                   "| variant | average final score | BWT | FWT | mean forgetting | matrix |",
                   "|---|---|---|---|---|---|"]
         for stage in continual:
+            if stage["name"] not in done:  # an unfinished run's matrix is partial: no number from it
+                lines.append(f"| {NAMES.get(stage['name'], stage['name'])} | not finished | | | | |")
+                continue
             summary = (_read_json(Path(stage["output_dir"]) / "forgetting.json") or {}).get("summary", {})
             png = Path(stage["output_dir"]) / "forgetting_matrix.png"
             link = f"[png]({os.path.relpath(png, root)})" if png.is_file() else "missing"
@@ -154,7 +162,8 @@ def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
                          for i, c in enumerate(state.get("commands", [])))
         lines.append(f"| {stage['name']} | {state.get('status', 'not started')} | {state.get('wall_s', '')} | "
                      f"{state.get('peak_rss_gib', '')} | {logs} |")
-    lines += ["", "Each stage on its own (the commands it ran, in order):", ""]
+    lines += ["", "Each stage on its own (the commands it ran, in order; run them from the repository root, with "
+              "`<data>` the --data folder and `<out>` this job's folder):", ""]
     for stage in stages:
         for command in states[stage["name"]].get("commands", []):
             lines.append(f"- {stage['name']}: `{command['command']}`")

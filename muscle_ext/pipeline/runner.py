@@ -8,12 +8,13 @@ the fingerprints of the stages it reads from, the bytes of the datalists it name
 - finished with the same fingerprint: the stage is reused, nothing runs;
 - started with the same fingerprint but not finished (a killed run): its commands run again into the same folder,
   and each bundle resumes from its newest checkpoint (a bundle whose run finished says so and does nothing);
-- any other fingerprint (a changed setting, datalist or upstream stage): the old folder moves to
-  ``<root>/superseded/<stage>-<old fingerprint>`` (nothing is deleted) and the stage runs from the start.
+- any other fingerprint (a changed setting, datalist, upstream stage or ``muscle_ext`` code): the old folder moves
+  to ``<root>/superseded/<stage>-<old fingerprint>-<time>`` (nothing is deleted) and the stage runs from the start.
 
 Each command runs in its own process (MONAI's CLI is the bundle API users have; a process per stage also isolates
 global state, memory and a crash), with its output in ``<stage>/logs/<n>.log``; wall time and the process's own peak
-RSS (``os.wait4``) are recorded in ``stage.json``.
+RSS (``os.wait4``: the largest single process of the stage, the bundle or one of its DataLoader workers, not their
+sum) are recorded in ``stage.json``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BundleCommand", "Stage", "StageFailed", "StageRunner", "bundle_command", "printable", "run_command"]
+__all__ = ["BundleCommand", "Stage", "StageFailed", "StageRunner", "bundle_command", "code_fingerprint", "printable",
+           "run_command"]
 
 REPO_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 
@@ -53,16 +55,25 @@ def bundle_command(bundle: str | os.PathLike, configs: Sequence[str], overrides:
     return cmd
 
 
-def printable(cmd: Sequence[str]) -> str:
-    """The command as reports show it (``python`` for whichever interpreter ran it; arguments shell-quoted)."""
+def printable(cmd: Sequence[str], placeholders: Mapping[str, str] | None = None) -> str:
+    """The command as reports show it: ``python`` for whichever interpreter ran it, arguments shell-quoted, and each
+    path prefix in ``placeholders`` (e.g. ``{"/data/xray": "<data>"}``) written as its placeholder, so that a report
+    names no folder of this machine."""
     import shlex
 
-    return " ".join(["python", *(shlex.quote(str(c)) for c in cmd[1:])])
+    text = " ".join(["python", *(shlex.quote(str(c)) for c in cmd[1:])])
+    for prefix, placeholder in sorted((placeholders or {}).items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(prefix, placeholder)
+    return text
 
 
 def run_command(cmd: Sequence[str], log: str | os.PathLike, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Run ``cmd`` with its output in ``log``. Returns ``{"command", "wall_s", "peak_rss_gib", "returncode"}``:
-    the run's own peak resident memory (``os.wait4``), not the maximum over every child of this process."""
+    the run's own peak resident memory (``os.wait4``), not the maximum over every child of this process.
+
+    Raises:
+        OSError: ``log`` cannot be written, or ``cmd`` cannot be started.
+    """
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=None if env is None else dict(env))
@@ -85,7 +96,16 @@ class BundleCommand:
     overrides: Mapping[str, Any]
 
     def argv(self) -> list[str]:
-        return bundle_command(REPO_BUNDLES / self.bundle, self.configs, self.overrides)
+        """The command line (``python -m monai.bundle run ...``) of this bundle run.
+
+        Raises:
+            FileNotFoundError: the bundle folders are not there (the main job runs from a source checkout).
+        """
+        root = REPO_BUNDLES / self.bundle
+        if not (root / "configs").is_dir():
+            raise FileNotFoundError(f"bundle {self.bundle} not found at {root}: the main job runs the bundles of a "
+                                    "source checkout (pip install -e . in a clone of the repository)")
+        return bundle_command(root, self.configs, self.overrides)
 
 
 @dataclass
@@ -101,6 +121,17 @@ class Stage:
     outputs: tuple[str, ...] = ()
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def code_fingerprint() -> str:
+    """SHA-256 of the ``muscle_ext`` sources (``*.py``, presets): a finished stage is reused only with the same code."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted([*package.rglob("*.py"), *package.rglob("*.yaml")]):
+        if "__pycache__" not in path.parts:
+            digest.update(str(path.relative_to(package)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _file_digest(path: Path) -> str:
@@ -119,20 +150,22 @@ class StageRunner:
         env: environment of the bundle processes (e.g. ``MLFLOW_TRACKING_URI``); default: this process's.
         progress: called with ``(index, total, stage, state)`` as each stage starts (``state``: ``run``, ``resume``,
             ``rerun`` or ``reuse``) and with ``state`` ``done`` as it ends.
+        placeholders: path prefixes written as placeholders in the recorded commands (:func:`printable`).
     """
 
     def __init__(self, root: str | os.PathLike, env: Mapping[str, str] | None = None,
-                 progress: Callable[[int, int, Stage, str], None] | None = None) -> None:
+                 progress: Callable[[int, int, Stage, str], None] | None = None,
+                 placeholders: Mapping[str, str] | None = None) -> None:
         self.root = Path(root)
         self.env = env
+        self.placeholders = dict(placeholders or {})
         self.progress = progress or (lambda *args: None)
         self.fingerprints: dict[str, str] = {}
 
     # ------------------------------------------------------------------------------------------ fingerprints
     def fingerprint(self, stage: Stage) -> str:
-        import muscle_ext
-
-        digest = hashlib.sha256(json.dumps({"muscle_ext": muscle_ext.__version__, "name": stage.name}).encode())
+        """SHA-256 of what decides the stage's result (see the module docstring)."""
+        digest = hashlib.sha256(json.dumps({"code": code_fingerprint(), "name": stage.name}).encode())
         for command in stage.commands:
             digest.update(json.dumps([command.bundle, list(command.configs),
                                       {k: str(v) for k, v in command.overrides.items()}]).encode())
@@ -146,10 +179,12 @@ class StageRunner:
 
     @staticmethod
     def state_file(stage: Stage) -> Path:
+        """``<stage output>/stage.json``: fingerprint, status, commands with wall time and peak RSS."""
         return stage.output_dir / "stage.json"
 
     @classmethod
     def read_state(cls, stage: Stage) -> dict[str, Any] | None:
+        """The stage's ``stage.json``, or ``None`` when it has none (never started, or unreadable)."""
         path = cls.state_file(stage)
         try:
             return json.loads(path.read_text())
@@ -213,6 +248,7 @@ class StageRunner:
         for n, command in enumerate(stage.commands, 1):
             log = logs / f"{n}_{command.bundle}.log"
             result = run_command(command.argv(), log, self.env)
+            result["command"] = printable(command.argv(), self.placeholders)
             result["log"] = str(log.relative_to(stage.output_dir))
             state["commands"].append(result)
             if result["returncode"] != 0:
