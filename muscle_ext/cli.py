@@ -7,8 +7,9 @@
 
 ``reproduce`` runs every stage of the preset (:mod:`muscle_ext.pipeline.plan`) as its bundle's own command, reuses
 finished stages (same fingerprint), resumes a killed one, and writes ``<out>/report.md``. Its MLflow runs go to one
-store, ``<out>/mlflow.db`` (``MLFLOW_TRACKING_URI`` wins), so ``mlflow ui --backend-store-uri
-sqlite:///<out>/mlflow.db`` shows every stage with its lineage.
+store, ``<out>/mlflow.db`` (``MLFLOW_TRACKING_URI`` wins), in the experiment ``muscle_reproduce``: the job's own run
+(:mod:`muscle_ext.pipeline.job_run`, with the report) and every stage's runs as its children, so ``mlflow ui
+--backend-store-uri sqlite:///<out>/mlflow.db`` shows the comparison as one run, opened into its stages.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["JOB_EXPERIMENT", "main"]
+
+JOB_EXPERIMENT = "muscle_reproduce"  # the MLflow experiment of the job's run and of every stage's runs
 
 
 def _clock(seconds: float) -> str:
@@ -30,7 +33,9 @@ def _clock(seconds: float) -> str:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
+    from .handlers.tracking import PARENT_RUN_ENV
     from .pipeline import Stage, StageFailed, StageRunner, build_report, build_stages, load_preset, printable
+    from .pipeline.job_run import JobRun
 
     preset = load_preset(args.preset)
     if args.data is None:
@@ -39,7 +44,8 @@ def _reproduce(args: argparse.Namespace) -> int:
               "give your own preset file (--preset my_pipeline.yaml) that names your datalists.", file=sys.stderr)
         return 2
     out = Path(args.out).absolute()
-    stages = build_stages(preset, args.data, out, imagenet_weights=args.imagenet_weights, seed=args.seed)
+    stages = build_stages(preset, args.data, out, imagenet_weights=args.imagenet_weights, seed=args.seed,
+                          experiment_name=JOB_EXPERIMENT)
     repository = Path(__file__).resolve().parents[1]
     # the report's commands name no folder of this machine: <data>, <out>, and bundle paths from the repository root
     placeholders = {str(Path(args.data).resolve()): "<data>", str(out): "<out>", f"{repository}/": ""}
@@ -61,9 +67,8 @@ def _reproduce(args: argparse.Namespace) -> int:
         if state != "reuse":
             started[stage.name] = now
 
-    runner = StageRunner(out, env=env, progress=progress, placeholders=placeholders)
     if args.dry_run:  # nothing is written
-        for stage, action in runner.plan(stages):
+        for stage, action in StageRunner(out, placeholders=placeholders).plan(stages):
             print(f"{stage.name}: {action}")
             for command in stage.commands:
                 print(f"    {printable(command.argv(), placeholders)}")
@@ -78,13 +83,18 @@ def _reproduce(args: argparse.Namespace) -> int:
         pipeline["warning"] = preset["warning"]
     (out / "pipeline.json").write_text(json.dumps(pipeline, indent=2) + "\n")
 
+    job = JobRun(out, env["MLFLOW_TRACKING_URI"], JOB_EXPERIMENT, f"reproduce_{preset['name']}")
+    if job.open():
+        env[PARENT_RUN_ENV] = job.run_id  # every stage's runs nest under the job's run
+    runner = StageRunner(out, env=env, progress=progress, placeholders=placeholders)
     try:
         runner.run(stages)
     except StageFailed as exc:
         print(f"muscle reproduce: {exc}", file=sys.stderr)
-        build_report(out)
+        job.finish({s.name: StageRunner.read_state(s) or {} for s in stages}, build_report(out), status="FAILED")
         return 1
     report = build_report(out)
+    job.finish({s.name: StageRunner.read_state(s) or {} for s in stages}, report)
     print(f"\nAll {len(stages)} stages done in {_clock(time.monotonic() - began)}. Report: {report}")
     return 0
 

@@ -81,12 +81,25 @@ def test_reproduce_reuses_reruns_and_reports(tmp_path, xray_root, capsys, monkey
     assert str(tmp_path) not in report and str(xray_root) not in report and str(REPO) not in report
     stage_files = sorted(out.rglob("stage.json"))
     assert len(stage_files) == 7 and all(json.loads(p.read_text())["status"] == "done" for p in stage_files)
-    assert (out / "mlflow.db").is_file()  # one store for the whole comparison
+    # one store, one experiment: the job's run with the report, every bundle run of every stage nested under it
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiments = [e.name for e in client.search_experiments()]
+    assert "muscle_reproduce" in experiments and "muscle_downstream" not in experiments, experiments
+    job_id = json.loads((out / "job_run.json").read_text())["run_id"]
+    runs = client.search_runs([client.get_experiment_by_name("muscle_reproduce").experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == job_id]
+    assert len(runs) == 12 and len(children) == 11  # MD-MoCo, 2 continual, 4 x (fine-tune, evaluate)
+    job = client.get_run(job_id)
+    assert job.info.status == "FINISHED" and job.data.tags["stage.pneumonia_muscle"] == "done"
+    assert [a.path for a in client.list_artifacts(job_id)] == ["report.md"]
 
     # the same command again: every stage reused, nothing runs
     began = time.monotonic()
     code, said = _reproduce(capsys, "--preset", _preset(tmp_path), "--data", xray_root, "--out", out)
     assert code == 0 and said.count(": reuse (") == 7 and time.monotonic() - began < 60, said
+    assert json.loads((out / "job_run.json").read_text())["run_id"] == job_id  # the same parent run, reopened
 
     # a changed fine-tuning setting reruns the fine-tuning stages only; their old folders are kept
     code, said = _reproduce(capsys, "--preset", _preset(tmp_path, **{"downstream.overrides.num_epochs": 2}),

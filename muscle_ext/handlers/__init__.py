@@ -29,6 +29,7 @@ from muscle_ext.handlers.privacy import (
 from muscle_ext.handlers.replica_sync import ReplicaSync, handlers_for_rank
 from muscle_ext.handlers.resilient_client import ResilientMlflowWriter
 from muscle_ext.handlers.tracking import (
+    PARENT_RUN_ENV,
     TRACKING_SETTINGS_PATH,
     TrackingHandler,
     checkpoint_lineage,
@@ -71,6 +72,7 @@ __all__ = [
     "RunFinished",
     "latest_checkpoint",
     "resume_checkpoint",
+    "PARENT_RUN_ENV",
     "TRACKING_SETTINGS_PATH",
     "InputSummaryRedactor",
     "PrivacyFilter",

@@ -23,7 +23,8 @@ environment variable wins, as in MONAI, so one export points every bundle at a s
 
 Lineage: a run started from a checkpoint (``parent_checkpoint``) gets the tags ``muscle.parent_checkpoint_sha256``
 and, from the checkpoint's ``source`` dict, ``muscle.parent_run_id``, ``muscle.parent_bundle`` and
-``muscle.parent_epoch``. ``parent_run_id`` nests the run under another one (MLflow's ``mlflow.parentRunId``).
+``muscle.parent_epoch``. ``parent_run_id`` (or the ``MUSCLE_PARENT_RUN_ID`` environment variable, which the main
+job sets) nests the run under another one (MLflow's ``mlflow.parentRunId``).
 While a run is open, :func:`current_run_id` returns its id (for the ``source`` dict of checkpoints the bundle
 writes) and ``engine.state.mlflow_run_id`` holds it.
 
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
     from monai.bundle import ConfigParser
 
 __all__ = [
+    "PARENT_RUN_ENV",
     "TRACKING_SETTINGS_PATH",
     "TrackingHandler",
     "checkpoint_lineage",
@@ -77,6 +79,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TRACKING_SETTINGS_PATH = Path(__file__).with_name("tracking_settings.json")
+PARENT_RUN_ENV = "MUSCLE_PARENT_RUN_ID"
+"""A run id in this environment variable nests every run that names no ``parent_run_id`` under that run: the main
+job (``muscle reproduce``) sets it, so each stage's runs are children of the job's run."""
 _SEED_KEYS = ("seed", "random_seed")
 _MAX_PLOT_POINTS = 20_000
 _PRIVACY_KEYS = PrivacyFilter()  # key rule only (no roots needed)
@@ -287,7 +292,8 @@ class TrackingHandler(MLFlowHandler):
         seed: logged as ``seed``; default: the config's ``seed``/``random_seed`` (``torch.initial_seed()`` is
             logged as ``torch_initial_seed`` either way).
         parent_checkpoint: checkpoint this run starts from, read for lineage tags.
-        parent_run_id: nest this run under that MLflow run.
+        parent_run_id: nest this run under that MLflow run; default: the run named by ``MUSCLE_PARENT_RUN_ID``
+            (:data:`PARENT_RUN_ENV`), if set.
         tags: more run tags (values pass the privacy filter).
         artifacts: files or directories logged when the engine completes (final model, backbone, plots ...).
         iteration_log, epoch_log, output_transform, global_epoch_transform, state_attributes, tag_name,
@@ -365,7 +371,7 @@ class TrackingHandler(MLFlowHandler):
         self.datalists = datalists
         self.seed = seed
         self.parent_checkpoint = parent_checkpoint
-        self.parent_run_id = parent_run_id
+        self.parent_run_id = parent_run_id or os.environ.get(PARENT_RUN_ENV) or None
         self.tags = dict(tags or {})
         self.metric_prefix = metric_prefix
         self.join_active_run = join_active_run

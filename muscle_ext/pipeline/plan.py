@@ -84,8 +84,10 @@ def _json_inputs(overrides: Mapping[str, Any]) -> tuple[Path, ...]:
 
 
 def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | os.PathLike,
-                 imagenet_weights: str | os.PathLike | None = None, seed: int = 0) -> list[Stage]:
+                 imagenet_weights: str | os.PathLike | None = None, seed: int = 0,
+                 experiment_name: str | None = None) -> list[Stage]:
     """The stages of ``preset`` on ``data``, with their folders under ``out`` (see the module docstring).
+    ``seed`` and ``experiment_name`` (the MLflow experiment; default: each bundle's own) go to every bundle run.
 
     Raises:
         FileNotFoundError: a datalist the preset names is missing under ``data`` (named, with what to do).
@@ -94,7 +96,7 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
     data, out = Path(data).resolve(), Path(out).absolute()
     preset = _fill(dict(preset), data)
     stages: list[Stage] = []
-    common = {"seed": seed}
+    common: dict[str, Any] = {"seed": seed, **({"experiment_name": experiment_name} if experiment_name else {})}
     pre, cont, down = preset["pretrain"], preset.get("continual") or {}, preset["downstream"]
 
     named = [*_datalists(pre.get("overrides", {})), *_datalists(cont.get("overrides", {})),
