@@ -38,6 +38,13 @@ def _reproduce(args: argparse.Namespace) -> int:
     from .pipeline.job_run import JobRun
 
     preset = load_preset(args.preset)
+    if args.data is None and preset.get("synthetic"):
+        args.data = Path(args.out).absolute() / "synthetic_data"
+        if not (args.data / "pretrain_datalist.json").is_file():
+            from .data.synthetic import write_synthetic_corpus
+
+            print(f"writing phantom radiographs to {args.data}", flush=True)
+            write_synthetic_corpus(args.data)
     if args.data is None:
         print("muscle reproduce: no data given. Point --data at a folder with the preset's datalists (e.g. "
               "--data ../shared/data/xray for the quick preset), convert a public dataset into datalists first, or "
@@ -142,12 +149,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     reproduce = verbs.add_parser("reproduce", help="run the whole comparison and write its report")
     presets = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
     reproduce.add_argument("--preset", default="quick", help=f"{presets}, or a preset YAML file of yours")
-    reproduce.add_argument("--data", help="the folder the preset's datalists are in ({data} in the preset)")
+    reproduce.add_argument("--data", help="the folder the preset's datalists are in ({data} in the preset); not needed "
+                           "for --preset synthetic")
     reproduce.add_argument("--out", required=True, help="the job's folder: stages, logs, mlflow.db, report.md")
     reproduce.add_argument("--imagenet-weights", help="a local torchvision/timm ResNet state dict: adds the ImageNet "
                            "start (nothing is downloaded)")
     reproduce.add_argument("--seed", type=int, default=0)
-    reproduce.add_argument("--dry-run", action="store_true", help="print what would run (or be reused), run nothing")
+    reproduce.add_argument("--dry-run", action="store_true", help="print what would run (or be reused), run "
+                           "nothing (the synthetic preset still writes its phantoms)")
     reproduce.set_defaults(run=_reproduce)
     status = verbs.add_parser("status", help="which stages of a job are done")
     status.add_argument("out")

@@ -1,7 +1,8 @@
-"""The main job (`muscle reproduce`) on the real corpus with a tiny preset of the same shape as `quick`: every stage
-runs as its bundle's own command, a finished stage is reused, a changed setting reruns what depends on it (the old
-folders kept), a killed job resumes, and the report is built only from what the stages wrote. The report builder
-is also checked on fixed metric files, table by table."""
+"""The main job (`muscle reproduce`) end to end with the synthetic preset (phantom radiographs the job writes itself;
+the quick preset's stages at test size; the bundles themselves are tested on the real corpus elsewhere, and their
+quick presets chained in test_quick_presets.py): every stage runs as its bundle's own command, a finished stage is
+reused, a changed setting reruns what depends on it (the old folders kept), a killed job resumes, and the report is
+built only from what the stages wrote. The report builder is also checked on fixed metric files, table by table."""
 
 from __future__ import annotations
 
@@ -17,41 +18,22 @@ import pytest
 import yaml
 
 from muscle_ext.cli import main
-from muscle_ext.pipeline import build_report, build_stages, load_preset
+from muscle_ext.pipeline import PRESETS, build_report, build_stages, load_preset
 from muscle_ext.settings import SettingsError
 
 from tests.bundle_utils import REPO, bundle_env
 
-TINY = {
-    "description": "tiny: the quick preset's stages at test size",
-    "pretrain": {"configs": ["train.yaml"],
-                 "overrides": {"pretrain_datalist": "{data}/pretrain_datalist.json",
-                               "image_size": 32, "batch_size": 8, "num_epochs": 1, "warmup_epochs": 0,
-                               "queue_size": 16, "train#sampler#num_samples": 32, "num_workers": 0, "amp": False,
-                               "cache": "none"}},
-    "continual": {"configs": ["train.yaml"],
-                  "overrides": {"tasks": "['pneumonia','lung']", "image_size": 32, "batch_size": 8, "rounds": 1,
-                                "steps_per_visit": 2, "max_items": 16, "num_workers": 0,
-                                "task_specs#pneumonia#datalist": "{data}/pneumonia_nih/datalist.json",
-                                "task_specs#lung#datalist": "{data}/lung_seg_cxr/datalist.json"},
-                  "variants": {"muscle": {}, "muscle_minus": {"reshuffle": False, "memorization_weight": 0.0}}},
-    "downstream": {"configs": [], "overrides": {"image_size": 32, "batch_size": 8, "num_epochs": 1, "max_items": 24,
-                                                "num_workers": 0, "n_bootstrap": 100, "log_models": False},
-                   "starts": ["scratch", "md_moco", "muscle_minus", "muscle"],
-                   "tasks": {"pneumonia": {"config": "classification.yaml",
-                                           "datalist": "{data}/pneumonia_nih/datalist.json"}}},
-}
-
 
 def _preset(tmp_path: Path, **changes) -> Path:
-    preset = json.loads(json.dumps(TINY))
+    """The synthetic preset (phantom radiographs, written by the job itself) with ``changes`` (dotted keys)."""
+    preset = yaml.safe_load((PRESETS / "synthetic.yaml").read_text())
     for dotted, value in changes.items():
         node = preset
         *parents, last = dotted.split(".")
         for key in parents:
             node = node[key]
         node[last] = value
-    path = tmp_path / "tiny.yaml"
+    path = tmp_path / "phantoms.yaml"
     path.write_text(yaml.safe_dump(preset))
     return path
 
@@ -63,24 +45,29 @@ def _reproduce(capsys, *args) -> tuple[int, str]:
 
 
 @pytest.mark.timeout(900)
-def test_reproduce_reuses_reruns_and_reports(tmp_path, xray_root, capsys, monkeypatch):
+def test_synthetic_preset_end_to_end_reuses_reruns_and_reports(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "job"
-    code, said = _reproduce(capsys, "--preset", _preset(tmp_path), "--data", xray_root, "--out", out)
+    code, said = _reproduce(capsys, "--preset", "synthetic", "--out", out)  # no data needed
     assert code == 0, said
-    assert "[1/7] md_moco: run" in said and "[7/7] pneumonia_muscle: run" in said and "about" in said  # time left
+    assert "[1/11] md_moco: run" in said and "[11/11] lungs_muscle: run" in said and "about" in said  # time left
+    assert (out / "synthetic_data" / "pretrain_datalist.json").is_file()
     report = (out / "report.md").read_text()
+    assert "**SYNTHETIC PHANTOMS: these numbers show that every stage runs" in report  # said loudly
     table = [line for line in report.splitlines() if line.startswith("| ")]
     starts = [row.split(" | ")[0][2:] for row in table[1:5]]
     assert starts == ["Scratch", "MD-MoCo", "MUSCLE--", "MUSCLE"], table
+    aucs = [float(row.split(" | ")[1].split()[0]) for row in table[1:5]]
+    assert max(aucs) > 0.8, table  # the phantoms' finding is learnable: the stages learn
     assert "Does the paper's ranking hold here? MD-MoCo above Scratch: " in report
-    assert "MUSCLE at least MUSCLE--: " in report and "| MUSCLE | " in report
-    assert report.count("python -m monai.bundle run") == 3 + 4 * 2  # every command, runnable on its own
-    assert "--datalist <data>/pneumonia_nih/datalist.json --output_dir <out>/downstream/pneumonia_scratch" in report
-    assert str(tmp_path) not in report and str(xray_root) not in report and str(REPO) not in report
+    assert "MUSCLE at least MUSCLE--: " in report and "## lungs (segmentation, test n = 24)" in report
+    assert report.count("python -m monai.bundle run") == 3 + 8 * 2  # every command, runnable on its own
+    assert "--datalist <data>/chest_findings/datalist.json --output_dir <out>/downstream/finding_scratch" in report
+    assert str(tmp_path) not in report and str(REPO) not in report
     stage_files = sorted(out.rglob("stage.json"))
-    assert len(stage_files) == 7 and all(json.loads(p.read_text())["status"] == "done" for p in stage_files)
+    assert len(stage_files) == 11 and all(json.loads(p.read_text())["status"] == "done" for p in stage_files)
+
     # one store, one experiment: the job's run with the report, every bundle run of every stage nested under it
     import mlflow
 
@@ -90,40 +77,43 @@ def test_reproduce_reuses_reruns_and_reports(tmp_path, xray_root, capsys, monkey
     job_id = json.loads((out / "job_run.json").read_text())["run_id"]
     runs = client.search_runs([client.get_experiment_by_name("muscle_reproduce").experiment_id])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == job_id]
-    assert len(runs) == 12 and len(children) == 11  # MD-MoCo, 2 continual, 4 x (fine-tune, evaluate)
+    assert len(runs) == 20 and len(children) == 19  # MD-MoCo, 2 continual, 8 x (fine-tune, evaluate)
     job = client.get_run(job_id)
-    assert job.info.status == "FINISHED" and job.data.tags["stage.pneumonia_muscle"] == "done"
+    assert job.info.status == "FINISHED" and job.data.tags["stage.lungs_muscle"] == "done"
     assert [a.path for a in client.list_artifacts(job_id)] == ["report.md"]
 
     # the same command again: every stage reused, nothing runs
     began = time.monotonic()
-    code, said = _reproduce(capsys, "--preset", _preset(tmp_path), "--data", xray_root, "--out", out)
-    assert code == 0 and said.count(": reuse (") == 7 and time.monotonic() - began < 60, said
+    code, said = _reproduce(capsys, "--preset", "synthetic", "--out", out)
+    assert code == 0 and said.count(": reuse (") == 11 and time.monotonic() - began < 60, said
     assert json.loads((out / "job_run.json").read_text())["run_id"] == job_id  # the same parent run, reopened
 
-    # a changed fine-tuning setting reruns the fine-tuning stages only; their old folders are kept
-    code, said = _reproduce(capsys, "--preset", _preset(tmp_path, **{"downstream.overrides.num_epochs": 2}),
-                            "--data", xray_root, "--out", out)
+    # a changed setting of one continual variant reruns that stage and what starts from it; the old folders are kept
+    changed = _preset(tmp_path, **{"continual.variants.muscle_minus.steps_per_visit": 3})
+    code, said = _reproduce(capsys, "--preset", changed, "--data", out / "synthetic_data", "--out", out)
     assert code == 0, said
-    assert said.count(": reuse (") == 3 and said.count(": rerun (") == 4, said
-    assert len(list((out / "superseded").iterdir())) == 4
-    assert "Epoch: 2/2" in (out / "downstream" / "pneumonia_scratch" / "logs" / "1_downstream.log").read_text()
+    assert said.count(": reuse (") == 8 and said.count(": rerun (") == 3, said
+    assert {"muscle_minus: rerun", "finding_muscle_minus: rerun", "lungs_muscle_minus: rerun"} <= {
+        line.split("] ", 1)[1].split(" (")[0] for line in said.splitlines() if line.startswith("[")}
+    assert len(list((out / "superseded").iterdir())) == 3
+    assert "(3 steps)" in (out / "muscle_minus" / "logs" / "1_muscle_continual.log").read_text()
 
     # muscle status / muscle report: the report is rebuilt from the files alone, identically
     assert main(["status", str(out)]) == 0
-    assert "pneumonia_muscle" in capsys.readouterr().out
+    assert "finding_muscle" in capsys.readouterr().out
     report = (out / "report.md").read_text()
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0 and (out / "report.md").read_text() == report
 
 
 @pytest.mark.timeout(600)
-def test_a_killed_job_resumes_its_stage(tmp_path, xray_root):
+def test_a_killed_job_resumes_its_stage(tmp_path):
     out = tmp_path / "job"  # MD-MoCo, then one fine-tuning from it: the kill lands in the first stage
-    preset = _preset(tmp_path, **{"pretrain.overrides.num_epochs": 3, "pretrain.overrides.ckpt_interval": 2,
-                                  "continual.variants": {}, "downstream.starts": ["md_moco"]})
-    cmd = [sys.executable, "-m", "muscle_ext.cli", "reproduce", "--preset", str(preset), "--data", str(xray_root),
-           "--out", str(out)]
+    preset = _preset(tmp_path, **{"pretrain.overrides.num_epochs": 4, "pretrain.overrides.ckpt_interval": 2,
+                                  "continual.variants": {}, "downstream.starts": ["md_moco"],
+                                  "downstream.tasks": {"finding": {"config": "classification.yaml",
+                                                                   "datalist": "{data}/chest_findings/datalist.json"}}})
+    cmd = [sys.executable, "-m", "muscle_ext.cli", "reproduce", "--preset", str(preset), "--out", str(out)]
     env = bundle_env(default_store=True)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -137,22 +127,22 @@ def test_a_killed_job_resumes_its_stage(tmp_path, xray_root):
     assert state["status"] == "running"
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "[1/2] md_moco: resume" in again.stdout and "[2/2] pneumonia_md_moco: run" in again.stdout
+    assert "[1/2] md_moco: resume" in again.stdout and "[2/2] finding_md_moco: run" in again.stdout
     log = (out / "md_moco" / "logs" / "1_muscle_pretrain.log").read_text()
     assert "resuming" in log.lower() and json.loads((out / "md_moco" / "stage.json").read_text())["status"] == "done"
 
 
-def test_no_data_and_unknown_presets_say_what_to_do(tmp_path, capsys):
+def test_no_data_and_unknown_presets_say_what_to_do(tmp_path, capsys, xray_root):
     assert main(["reproduce", "--out", str(tmp_path / "x")]) == 2
     assert "Point --data at a folder with the preset's datalists" in capsys.readouterr().err
     assert main(["reproduce", "--preset", "quik", "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
-    assert "unknown preset 'quik'; the presets are: quick" in capsys.readouterr().err
+    assert "unknown preset 'quik'; the presets are: quick, synthetic" in capsys.readouterr().err
     assert main(["reproduce", "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert f"no datalist at {tmp_path}/pretrain_datalist.json" in capsys.readouterr().err
     with pytest.raises(SettingsError, match="start 'imagenet' needs a local weights file"):
         preset = load_preset("quick")
         preset["downstream"]["starts"] = ["imagenet"]
-        build_stages(preset, REPO.parent / "shared" / "data" / "xray", tmp_path)
+        build_stages(preset, xray_root, tmp_path)
 
 
 def _write_stage(root: Path, name: str, kind: str, **extra) -> dict:

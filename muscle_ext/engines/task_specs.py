@@ -507,7 +507,8 @@ class TaskValidation:
             handler.attach(engine)
 
 
-def load_task_networks(networks: nn.Module, checkpoint: str | os.PathLike | None, key: str = "network") -> str:
+def load_task_networks(networks: nn.Module, checkpoint: str | os.PathLike | None, key: str = "network",
+                       exported_iteration: int | None = None) -> str:
     """Load a continual run's task networks (the shared backbone and every head) from its training checkpoint.
 
     Args:
@@ -515,19 +516,29 @@ def load_task_networks(networks: nn.Module, checkpoint: str | os.PathLike | None
         checkpoint: a checkpoint file of the run (``checkpoint_<iteration>.pt``, e.g. from
             :func:`~muscle_ext.handlers.latest_checkpoint`); ``None`` when the run's folder has none.
         key: the entry of the checkpoint that holds the networks' state dict.
+        exported_iteration: the trainer iteration ``backbone.pt`` was exported at (its ``source``): the checkpoint
+            must hold that same state, or the heads would be scored with another backbone than the run's result.
 
     Returns:
         The checkpoint's path.
 
     Raises:
         FileNotFoundError: no checkpoint (the run was not trained, or another ``output_dir``).
-        SettingsError: the checkpoint was trained on other tasks than ``networks`` has (names both, and the fix).
+        SettingsError: the checkpoint was trained on other tasks than ``networks`` has, or holds another state than
+            ``backbone.pt`` (a longer run that did not finish); the message names both and the fix.
+        KeyError: the checkpoint has no ``key`` entry.
     """
     if checkpoint is None or not os.path.isfile(checkpoint):
         where = f"at {checkpoint}" if checkpoint else "found"
         raise FileNotFoundError(f"no training checkpoint of a continual run {where}: train first (configs/train.yaml), "
                                 "or pass the --output_dir of a finished run")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)[key]
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    iteration = int(payload.get("trainer", {}).get("iteration", -1))
+    if exported_iteration is not None and iteration != int(exported_iteration):
+        raise SettingsError(f"{checkpoint} holds iteration {iteration}, backbone.pt was exported at iteration "
+                            f"{exported_iteration}: a longer run started from it and did not finish; finish it (run "
+                            "train.yaml again with the same settings) before evaluating")
+    state = payload[key]
     trained = list(dict.fromkeys(name.split(".", 1)[0] for name in state))
     wanted = list(networks.keys()) if isinstance(networks, nn.ModuleDict) else trained
     if sorted(trained) != sorted(wanted):

@@ -5,7 +5,9 @@ downstream task and every starting point, fine-tuning then evaluation on the tas
 
 A preset's keys (``presets/quick.yaml`` is the reference):
 
-- ``description``: one line for the report;
+- ``description``: one line for the report; ``warning``: a line the report shows in bold;
+- ``synthetic``: ``true`` when the data are generated phantoms (``muscle_ext.data.synthetic``): without ``--data``,
+  the job writes them to ``<out>/synthetic_data`` first;
 - ``pretrain``: ``configs`` (of ``bundles/muscle_pretrain``), ``overrides``;
 - ``continual``: ``configs``, ``overrides`` and ``variants`` (``{name: overrides}``; each starts from the MD-MoCo
   backbone);
@@ -32,7 +34,7 @@ from .runner import BundleCommand, Stage
 __all__ = ["PRESETS", "build_stages", "load_preset"]
 
 PRESETS = Path(__file__).with_name("presets")
-PRESET_KEYS = ("description", "pretrain", "continual", "downstream")
+PRESET_KEYS = ("description", "warning", "synthetic", "pretrain", "continual", "downstream")
 
 
 def load_preset(name_or_path: str | os.PathLike) -> dict[str, Any]:

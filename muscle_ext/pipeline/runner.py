@@ -7,7 +7,8 @@ the fingerprints of the stages it reads from, the bytes of the datalists it name
 
 - finished with the same fingerprint: the stage is reused, nothing runs;
 - started with the same fingerprint but not finished (a killed run): its commands run again into the same folder,
-  and each bundle resumes from its newest checkpoint (a bundle whose run finished says so and does nothing);
+  and each bundle resumes from its newest checkpoint (a bundle whose run finished says so and does nothing); a stage
+  whose commands finished without leaving its outputs runs again from the start instead;
 - any other fingerprint (a changed setting, datalist, upstream stage or ``muscle_ext`` code): the old folder moves
   to ``<root>/superseded/<stage>-<old fingerprint>-<time>`` (nothing is deleted) and the stage runs from the start.
 
@@ -167,14 +168,14 @@ class StageRunner:
         """SHA-256 of what decides the stage's result (see the module docstring)."""
         digest = hashlib.sha256(json.dumps({"code": code_fingerprint(), "name": stage.name}).encode())
         for command in stage.commands:
-            digest.update(json.dumps([command.bundle, list(command.configs),
-                                      {k: str(v) for k, v in command.overrides.items()}]).encode())
+            digest.update(json.dumps([command.bundle, list(command.configs),  # overrides: their order means nothing
+                                      {k: str(v) for k, v in command.overrides.items()}], sort_keys=True).encode())
             for config in command.configs:
                 digest.update((REPO_BUNDLES / command.bundle / "configs" / config).read_bytes())
         for need in stage.needs:
             digest.update(self.fingerprints[need].encode())
-        for path in stage.inputs:
-            digest.update(_file_digest(Path(path)).encode())
+        for path in sorted(Path(p) for p in stage.inputs):  # the order they were named in means nothing
+            digest.update(_file_digest(path).encode())
         return digest.hexdigest()
 
     @staticmethod
@@ -211,6 +212,8 @@ class StageRunner:
                 action = "rerun"
             elif state.get("status") == "done" and all((stage.output_dir / o).exists() for o in stage.outputs):
                 action = "reuse"
+            elif state.get("missing_outputs"):  # its bundles finished without them: resuming would do the same
+                action = "rerun"
             else:
                 action = "resume"
             out.append((stage, action))
@@ -258,7 +261,7 @@ class StageRunner:
                                   f"last lines of {log} say why. Run the same command again to resume.")
         missing = [o for o in stage.outputs if not (stage.output_dir / o).exists()]
         if missing:
-            state["status"] = "failed"
+            state.update(status="failed", missing_outputs=missing)
             self._write_state(stage, state)
             raise StageFailed(f"stage {stage.name} finished without {', '.join(missing)} (see {logs})")
         state.update(status="done", finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
