@@ -75,6 +75,7 @@ def _reproduce(args: argparse.Namespace) -> int:
             started[stage.name] = now
 
     if args.dry_run:  # nothing is written
+        print("(<data>: the --data folder; <out>: the --out folder; run the commands from the repository root)")
         for stage, action in StageRunner(out, placeholders=placeholders).plan(stages):
             print(f"{stage.name}: {action}")
             for command in stage.commands:
@@ -154,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reproduce.add_argument("--out", required=True, help="the job's folder: stages, logs, mlflow.db, report.md")
     reproduce.add_argument("--imagenet-weights", help="a local torchvision/timm ResNet state dict: adds the ImageNet "
                            "start (nothing is downloaded)")
-    reproduce.add_argument("--seed", type=int, default=0)
+    reproduce.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
     reproduce.add_argument("--dry-run", action="store_true", help="print what would run (or be reused), run "
                            "nothing (the synthetic preset still writes its phantoms)")
     reproduce.set_defaults(run=_reproduce)

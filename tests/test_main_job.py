@@ -139,6 +139,13 @@ def test_no_data_and_unknown_presets_say_what_to_do(tmp_path, capsys, xray_root)
     assert "unknown preset 'quik'; the presets are: quick, synthetic" in capsys.readouterr().err
     assert main(["reproduce", "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert f"no datalist at {tmp_path}/pretrain_datalist.json" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pretrain: {configs: [train.yaml]\n")
+    assert main(["reproduce", "--preset", str(bad), "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert f"{bad}: not valid YAML" in capsys.readouterr().err
+    bad.write_text("- pretrain\n- downstream\n")
+    assert main(["reproduce", "--preset", str(bad), "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "a preset is a mapping of" in capsys.readouterr().err
     with pytest.raises(SettingsError, match="start 'imagenet' needs a local weights file"):
         preset = load_preset("quick")
         preset["downstream"]["starts"] = ["imagenet"]

@@ -51,7 +51,12 @@ def load_preset(name_or_path: str | os.PathLike) -> dict[str, Any]:
             raise SettingsError(f"unknown preset '{name_or_path}'; the presets are: {known} (or a YAML file of yours)")
     elif not path.is_file():
         raise FileNotFoundError(f"preset file {path} does not exist")
-    preset = yaml.safe_load(path.read_text()) or {}
+    try:
+        preset = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(preset, Mapping):
+        raise SettingsError(f"{path}: a preset is a mapping of {', '.join(PRESET_KEYS)}; got a {type(preset).__name__}")
     unknown = sorted(set(preset) - set(PRESET_KEYS))
     if unknown:
         raise SettingsError(f"{path.name}: unknown preset keys {', '.join(unknown)}; known: {', '.join(PRESET_KEYS)}")

@@ -92,7 +92,8 @@ def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
     lines = [f"# MUSCLE main job: {pipeline['preset']} preset", "",
              f"{pipeline.get('description', '')}", "",
              f"Data: `{pipeline['data_name']}`; seed {pipeline['seed']}; {len(done)} of {len(stages)} stages "
-             f"finished. Built from the files of the runs listed at the end (`muscle report {root.name}` rebuilds it).",
+             "finished. Built from the files of the runs listed at the end (`muscle report <out>` rebuilds it, `<out>` "
+             "being this folder).",
              "Test metrics with 95 % percentile bootstrap intervals; Δ: paired difference over the same test cases."]
     if pipeline.get("warning"):
         lines += ["", f"**{pipeline['warning']}**"]
