@@ -4,9 +4,9 @@
 trainer calls one task model at a time (each a head on the shared backbone), so no single module's forward covers a
 step. :class:`ReplicaSync` does DDP's two jobs around any forward instead, with Ignite's distributed helpers:
 
-- before each step, the module's buffers (batch-norm running statistics) are broadcast from rank 0, as DDP does with
-  ``broadcast_buffers=True``, and again after it, so that a validation between steps and the saved model see rank
-  0's statistics on every rank;
+- after each step, the module's buffers (batch-norm running statistics) are broadcast from rank 0 (DDP does it
+  before each forward with ``broadcast_buffers=True``; after the step, a validation between steps and the saved model
+  see rank 0's statistics too, and the next step starts from them: one broadcast per step serves all three);
 - after backward (``IterationEvents.BACKWARD_COMPLETED``, before the optimiser step), every parameter's gradient is
   averaged over the processes. Every rank trains the same task at the same step (the schedule is seeded alike), so
   the same parameters have gradients everywhere; a loss term added before backward (cross-task memorization) is
@@ -58,7 +58,6 @@ class ReplicaSync:
         if idist.get_world_size() < 2:
             return
         engine.add_event_handler(Events.STARTED, self._broadcast, True)
-        engine.add_event_handler(Events.ITERATION_STARTED, self._broadcast, False)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._broadcast, False)
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self._average_gradients)
         if self.verify:
