@@ -406,13 +406,11 @@ class TaskSet:
         """Shuffled training batches with their own generator (each visit reseeds it: exact resume). With
         ``distributed``, each process draws its own shard (a ``DistributedSampler`` that each visit reseeds)."""
         dataset = self._dataset(name, "training")
-        if self.distributed:
-            sampler = TorchDistributedSampler(dataset, shuffle=True)  # pads the last shard: equal steps per rank
-            return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
-                              drop_last=len(sampler) > self.batch_size, num_workers=self.num_workers,
-                              generator=torch.Generator())
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, drop_last=len(dataset) > self.batch_size,
-                          num_workers=self.num_workers, generator=torch.Generator())
+        # distributed: a shard per process; the sampler pads the last shard, so every rank takes the same steps
+        sampler = TorchDistributedSampler(dataset, shuffle=True) if self.distributed else None
+        size = len(sampler) if sampler is not None else len(dataset)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler,
+                          drop_last=size > self.batch_size, num_workers=self.num_workers, generator=torch.Generator())
 
     def val_loader(self, name: str, split: str = "validation") -> DataLoader:
         """Batches of the ``validation`` (or ``test``) split in datalist order, without augmentation. With
