@@ -19,8 +19,7 @@ import torch
 
 from muscle_ext.metrics import roc_auc
 from muscle_ext.metrics.embedding import knn_scores, linear_probe_scores
-from muscle_ext.networks import initialize_backbone
-from muscle_ext.networks.backbone import backbone_feature_maps
+from muscle_ext.networks import backbone_feature_maps, initialize_backbone
 
 from common import load_labelled_images, write_result
 

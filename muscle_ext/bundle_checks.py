@@ -39,21 +39,18 @@ import difflib
 import inspect
 import logging
 import os
-import re
-import sys
-import tempfile
-import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from .bundle_args import command_line, command_line_config, load_configs, monai_run_arguments, split_overrides
+from .bundle_errors import RelayedError, install_error_hook, short_block
 from .flags import as_flag
 from .settings import SettingsError, setting_problems
 
 __all__ = ["COMBINATIONS", "OPT_OUT", "RENAMED", "OverrideError", "Requires", "check_override_ids", "check_overrides",
-           "check_run", "combination_problems", "command_line", "install_error_hook", "known_ids",
-           "monai_run_arguments", "RelayedError", "short_block"]
+           "check_run", "combination_problems", "command_line", "command_line_config", "install_error_hook",
+           "known_ids", "monai_run_arguments", "RelayedError", "short_block"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,81 +68,10 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "warmup_epochs": ("warmup_rounds",), "lr": ("learning_rate",), "weights": ("init_weights", "backbone_path"),
 }
 
-MAX_BLOCK_LINES = 10  # message lines of the short error block; the rest is in the log file
 
 
 class OverrideError(SettingsError):
     """Unknown, renamed or ignored settings on the command line (with the full list of problems)."""
-
-
-# --------------------------------------------------------------------------------------------- the command line
-def monai_run_arguments() -> frozenset[str]:
-    """Arguments of ``monai.bundle run`` itself (``config_file``, ``logging_file``, ``tracking``, ``run_id``, ...),
-    read from MONAI's signatures: these are not config ids."""
-    from monai.bundle import ConfigWorkflow
-    from monai.bundle.scripts import create_workflow, run
-
-    names = set()
-    for fn in (run, create_workflow, ConfigWorkflow.__init__):
-        names |= {n for n, p in inspect.signature(fn).parameters.items()
-                  if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"}
-    return frozenset(names)
-
-
-def _is_flag(token: str) -> bool:  # as python-fire tells a flag from a value (a negative number is a value)
-    return token.startswith("--") or (len(token) > 1 and token[0] == "-" and token[1].isalpha())
-
-
-def _parse_fire_value(text: str) -> Any:
-    try:
-        from fire.parser import DefaultParseValue
-    except ImportError:  # fire is what runs `python -m monai.bundle`: without it there is no CLI to check
-        return text
-    return DefaultParseValue(text)
-
-
-def _fire_keywords(tokens: Sequence[str]) -> dict[str, Any]:
-    """``--key value``, ``--key=value`` and a bare ``--key`` (True; ``--nokey``: ``key`` False) as python-fire
-    passes them to a function with ``**kwargs``; values parsed as fire parses them."""
-    if "--" in tokens:  # fire's own flags follow the last separator
-        tokens = tokens[:len(tokens) - 1 - list(tokens)[::-1].index("--")]
-    out: dict[str, Any] = {}
-    skip = False
-    for index, token in enumerate(tokens):
-        if skip:
-            skip = False
-            continue
-        if not _is_flag(token):
-            continue  # positional: run_id, init_id, ...
-        stripped = token.lstrip("-")
-        if "=" in stripped:
-            key, value = stripped.split("=", 1)
-        else:
-            key, value = stripped, None
-        key = key.replace("-", "_")
-        if value is None:
-            if index + 1 == len(tokens) or _is_flag(tokens[index + 1]):
-                key, value = (key[2:], "False") if key.startswith("no") and len(key) > 2 else (key, "True")
-            else:
-                value, skip = tokens[index + 1], True
-        out[key] = _parse_fire_value(value)
-    return out
-
-
-def command_line(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    """Everything given to ``python -m monai.bundle run`` (``--args_file`` content first, the command line over it),
-    or ``None`` when this process is not such a run (a test calling a config, ``monai.bundle.run`` from Python)."""
-    argv = list(sys.argv if argv is None else argv)
-    if len(argv) < 2 or Path(argv[0]).parts[-3:] != ("monai", "bundle", "__main__.py") or argv[1] not in (
-            "run", "run_workflow"):
-        return None
-    given = _fire_keywords(argv[2:])
-    args_file = given.get("args_file")
-    if args_file:
-        from monai.bundle import ConfigParser
-
-        return {**ConfigParser.load_config_file(args_file), **given}
-    return given
 
 
 # ---------------------------------------------------------------------------------------------------- known ids
@@ -155,36 +81,6 @@ def _walk(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         id_ = f"{prefix}#{key}" if prefix else str(key)
         yield id_, value
         yield from _walk(value, id_)
-
-
-def _load_configs(run_args: Mapping[str, Any]) -> dict:
-    """The merged config files (and metadata) that ``monai.bundle run`` reads, before overrides."""
-    from monai.bundle import ConfigParser
-
-    files = run_args.get("config_file")
-    if not files:
-        return {}
-    if isinstance(files, str) and "," in files and not Path(files).is_file():
-        files = files.split(",")
-    files = [files] if isinstance(files, (str, os.PathLike)) else list(files)
-    config = dict(ConfigParser.load_config_files(files))
-    meta = run_args.get("meta_file") or Path(files[0]).parent / "metadata.json"
-    try:
-        config["_meta_"] = ConfigParser.load_config_files(meta)
-    except (OSError, ValueError):
-        pass  # MONAI reports a missing metadata file itself
-    tracking = run_args.get("tracking")
-    if tracking:  # `--tracking mlflow` / a settings file adds top-level ids that may then be overridden
-        from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
-
-        try:
-            settings = DEFAULT_EXP_MGMT_SETTINGS.get(tracking) if isinstance(tracking, str) else None
-            settings = settings or ConfigParser.load_config_files(tracking)
-            for key, value in settings.get("configs", {}).items():
-                config.setdefault(key, value)
-        except (OSError, ValueError, TypeError, AttributeError):
-            pass
-    return config
 
 
 def known_ids(config: Mapping) -> dict[str, Any]:
@@ -363,15 +259,6 @@ def _typed(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- the check
-def _overrides(argv: Sequence[str] | None) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(everything given to ``monai.bundle run``, the config-id overrides among it), or ``None`` (no such run)."""
-    given = command_line(argv)
-    if given is None:
-        return None
-    run_args = monai_run_arguments()
-    return given, {k: v for k, v in given.items() if k not in run_args}
-
-
 def _raise(source: str, problems: Sequence[str]) -> None:
     if not problems:
         return
@@ -402,8 +289,12 @@ def check_overrides(source: str, output_dir: str | os.PathLike | None = None,
     Raises:
         OverrideError: every unknown or renamed id, one line each.
     """
+    from .handlers.privacy import install_input_summary_redaction
+
     install_error_hook(output_dir, source)
-    found = _overrides(argv)
+    # MONAI prints the run's arguments (data folders included) right after `initialize`: redact them
+    install_input_summary_redaction()
+    found = split_overrides(argv)
     if found is None:
         return
     given, overrides = found
@@ -413,7 +304,7 @@ def check_overrides(source: str, output_dir: str | os.PathLike | None = None,
     except ValueError as e:
         problems.append(str(e))
         allow = False
-    problems += check_override_ids(overrides, _load_configs(given), allow_unknown=allow)
+    problems += check_override_ids(overrides, load_configs(given), allow_unknown=allow)
     _raise(source, problems)
 
 
@@ -433,123 +324,8 @@ def check_run(source: str, typed_settings: Mapping[str, Sequence[Any]] | None = 
         OverrideError: every mistyped or ignored setting, one line each.
     """
     typed_settings = dict(typed_settings or {})
-    found = _overrides(argv)
+    found = split_overrides(argv)
     given = list(found[1]) if found is not None else []
     values = {name: entry[0] for name, entry in typed_settings.items()
               if isinstance(entry, (list, tuple)) and len(entry) == 2}
     _raise(source, setting_problems(typed_settings, source) + combination_problems(values, given, workflow))
-
-
-# ------------------------------------------------------------------------------------------- the error hook
-# exception class name -> the fix as typed on the command line, unless the message names that override already
-_HINTS = {
-    "DatalistError": ("--on_bad_data", "fix or remove these files, or leave them out with --on_bad_data skip"),
-    "XRayReadError": ("--on_bad_data", "fix or remove this file, or leave unreadable files out with --on_bad_data "
-                                       "skip"),
-    "FileNotFoundError": ("--", "check the path you gave (e.g. --dataset_dir, --datalist, --init_weights, "
-                                "--model_dir)"),
-}
-
-
-class RelayedError(Exception):
-    """An error of ours that a DataLoader worker raised: torch re-raises it in the main process as the outermost
-    type with the worker's formatted traceback as its message (MONAI's transform wrapper makes that a
-    ``RuntimeError``), so only the name and the message survive. ``kind`` is the original type's name."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        self.kind = kind
-        super().__init__(message)
-
-
-_OURS = ("SettingsError", "OverrideError", "ModelSettingsError", "DatalistError", "XRayReadError")
-# "<module>.XRayReadError: <message>" up to the next exception of the formatted chain, in a worker's traceback text
-_NAMES = "|".join((*_OURS, "FileNotFoundError"))
-_RELAYED = re.compile(rf"^(?:[\w.]+\.)?({_NAMES}): (.*?)(?=\n\n(?:The above exception|During handling)|\Z)",
-                      re.MULTILINE | re.DOTALL)
-
-
-def _relayed(error: BaseException) -> list[RelayedError]:
-    text = str(error)
-    if "Original Traceback" not in text:  # torch.utils.data's ExceptionWrapper.reraise
-        return []
-    return [RelayedError(m.group(1), m.group(2).strip()) for m in _RELAYED.finditer(text)]
-
-
-def _user_error(exc: BaseException | None) -> BaseException | None:
-    """Our error in ``exc``'s chain (``__cause__``/``__context__``), also one that a DataLoader worker raised
-    (:class:`RelayedError`): the outermost of our own types, else the outermost ``FileNotFoundError``; ``None``
-    when there is neither."""
-    from .data.datalist import DatalistError
-    from .data.pixels import XRayReadError
-
-    chain, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        chain.append(exc)
-        chain.extend(_relayed(exc))
-        exc = exc.__cause__ or exc.__context__
-    for kinds, names in (((SettingsError, DatalistError, XRayReadError), _OURS),
-                         ((FileNotFoundError,), ("FileNotFoundError",))):
-        for error in chain:
-            if isinstance(error, kinds) or getattr(error, "kind", None) in names:
-                return error
-    return None
-
-
-def _log_path(output_dir: str | os.PathLike | None, error: BaseException) -> Path | None:
-    """``<output_dir>/error.log`` when the folder exists (a refused run leaves no new folder behind); else a file
-    in the temp folder, or none for a settings error (nothing ran: the message is all there is)."""
-    rank = os.environ.get("RANK", "0")
-    name = "error.log" if rank in ("", "0") else f"error.rank{rank}.log"
-    if output_dir and os.path.isdir(output_dir):
-        return Path(output_dir) / name
-    if isinstance(error, SettingsError):
-        return None
-    return Path(tempfile.gettempdir()) / f"muscle_bundle_{os.getpid()}_{name}"
-
-
-def short_block(error: BaseException, log_file: str | os.PathLike | None) -> str:
-    """What went wrong, which file or setting, the fix, and where the full traceback is: a few lines."""
-    lines = str(error).strip().splitlines() or [type(error).__name__]
-    if len(lines) > MAX_BLOCK_LINES:  # the head and the last line (our messages end with the fix)
-        hidden = len(lines) - MAX_BLOCK_LINES + 1
-        lines = [*lines[:MAX_BLOCK_LINES - 2], f"  ... and {hidden} more lines (all in the log file)", lines[-1]]
-    kind = getattr(error, "kind", type(error).__name__)  # a RelayedError names the worker's error
-    marker, hint = _HINTS.get(kind, ("", None))
-    if hint and marker in "\n".join(lines):
-        hint = None  # the message names the override already
-    block = [f"{kind}: {lines[0]}", *lines[1:]]
-    if hint:
-        block.append(f"Fix: {hint}")
-    if log_file:
-        block.append(f"(full traceback: {log_file})")
-    return "\n".join(block)
-
-
-def install_error_hook(output_dir: str | os.PathLike | None = None, source: str = "bundle") -> None:
-    """Print our errors as a short block on stderr and write the full traceback to ``<output_dir>/error.log``.
-
-    Recognised anywhere in the exception chain: :class:`~muscle_ext.settings.SettingsError` (and
-    :class:`OverrideError`), :class:`~muscle_ext.data.DatalistError`, :class:`~muscle_ext.data.XRayReadError`,
-    ``FileNotFoundError``. Other exceptions keep Python's traceback. The process exits with status 1 either way.
-    """
-    previous = sys.excepthook
-    if getattr(previous, "_muscle_hook", False):
-        previous = previous._previous  # installed before (another workflow in this process): replace it
-
-    def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
-        error = _user_error(exc)
-        if error is None:
-            previous(exc_type, exc, tb)
-            return
-        log_file = _log_path(output_dir, error)
-        try:
-            if log_file is not None:
-                log_file.write_text(f"{source}\n" + "".join(traceback.format_exception(exc_type, exc, tb)))
-        except OSError:
-            log_file = None
-        print(short_block(error, log_file), file=sys.stderr, flush=True)
-
-    hook._muscle_hook = True  # type: ignore[attr-defined]
-    hook._previous = previous  # type: ignore[attr-defined]
-    sys.excepthook = hook

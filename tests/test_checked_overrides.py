@@ -214,7 +214,7 @@ def test_short_block_finds_our_error_in_the_chain(tmp_path):
             raise RuntimeError("Failed to evaluate ConfigExpression: ...") from inner
     except RuntimeError as outer:
         error = outer
-    from muscle_ext.bundle_checks import _user_error
+    from muscle_ext.bundle_errors import _user_error
 
     found = _user_error(error)
     assert isinstance(found, DatalistError)
@@ -232,7 +232,7 @@ def test_an_error_raised_in_a_dataloader_worker_keeps_its_name_and_file(tmp_path
 
     from monai.data import DataLoader, Dataset
 
-    from muscle_ext.bundle_checks import _user_error
+    from muscle_ext.bundle_errors import _user_error
     from muscle_ext.data import LoadXRayd
 
     good = next((xray_root / "pneumonia_nih").rglob("*.png"))

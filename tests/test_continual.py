@@ -159,8 +159,7 @@ def test_memorization_shows_in_the_logged_loss_and_resumes_exactly(method):
     """A run stopped in the middle of a task visit and resumed from its state (network, optimiser, trainer and the
     handler's anchors) ends bit-identical to an unbroken run, and the penalty was part of the logged loss."""
     from muscle_ext.handlers import EWCMemorization, FeatureDistillation
-    from muscle_ext.networks import build_backbone
-    from muscle_ext.networks.heads import BackboneClassifier
+    from muscle_ext.networks import BackboneClassifier, build_backbone
 
     def setup(seed: int):
         g = torch.Generator().manual_seed(0)

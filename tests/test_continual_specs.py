@@ -16,8 +16,13 @@ import torch
 
 from muscle_ext.engines import TaskSet, TaskValidation, parse_task_specs
 from muscle_ext.handlers import MetricHistory
-from muscle_ext.networks import build_backbone, load_backbone_checkpoint
-from muscle_ext.networks.heads import BackboneClassifier, BackboneRegressor, BackboneSegmenter
+from muscle_ext.networks import (
+    BackboneClassifier,
+    BackboneRegressor,
+    BackboneSegmenter,
+    build_backbone,
+    load_backbone_checkpoint,
+)
 from muscle_ext.settings import SettingsError
 
 from tests.bundle_utils import REPO, bundle_command, bundle_env, run_bundle

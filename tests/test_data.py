@@ -135,7 +135,7 @@ def test_text_file_named_dcm_is_reported(tmp_path, good_items):
 
 
 def test_dicom_without_pixel_data_is_reported(tmp_path, good_items):
-    from tests.test_readers import _write_dicom
+    from tests.bundle_utils import write_dicom as _write_dicom
 
     _write_dicom(tmp_path / "nopix.dcm", np.zeros((4, 4)), with_pixels=False)
     _assert_reports([*good_items, {"image": str(tmp_path / "nopix.dcm"), "label": 0}], 3,

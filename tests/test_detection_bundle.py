@@ -23,10 +23,14 @@ from muscle_ext.data.boxes import (
     detection_preprocessing,
     swap_box_axes,
 )
-from muscle_ext.engines.detection import DetectionCOCOMetric, DetectionReport
+from muscle_ext.handlers import DetectionReport
+from muscle_ext.metrics import DetectionCOCOMetric
 from muscle_ext.networks import build_backbone, load_backbone_checkpoint, save_backbone
 
-from tests.bundle_utils import BUNDLES, run_bundle
+from tests.bundle_utils import BUNDLES, MARKER, pacs_export, run_bundle
+from tests.bundle_utils import check_skipped as _check_skipped
+from tests.bundle_utils import detection_datalist as _slice_datalist
+from tests.bundle_utils import tiny_detection as tiny
 
 TASK = "tb_detection_tbx11k"
 CLASSES = ["ActiveTuberculosis", "ObsoletePulmonaryTuberculosis"]
@@ -136,26 +140,6 @@ def test_metric_report_and_box_files_in_input_pixels(tmp_path, xray_root):
 
 
 # ---------------------------------------------------------------------------------------------------- bundle runs
-def _slice_datalist(xray_root: Path, tmp: Path, n_train: int = 8, n_val: int = 4, n_test: int = 6) -> Path:
-    """A few real items per split, with both classes in training and test; absolute image paths."""
-    def pick(section: str, n: int) -> list[dict]:
-        items = _items(xray_root, section)
-        latent = [i for i in items if 1 in i["label"]][:2]
-        return latent + [i for i in items if i not in latent and i["box"]][: n - len(latent)]
-
-    path = tmp / "datalist.json"
-    path.write_text(json.dumps({"training": pick("training", n_train), "validation": pick("validation", n_val),
-                                "test": pick("test", n_test)}))
-    return path
-
-
-def tiny(tmp: Path, datalist: Path, **extra) -> dict:
-    """64 px, batch 4, 2 epochs x 2 iterations, a narrow FPN: seconds on a CPU."""
-    return {"datalist": datalist, "output_dir": tmp / "out", "model_dir": tmp / "models", "image_size": 64,
-            "batch_size": 4, "num_epochs": 2, "num_workers": 0, "cache": "none", "detector#fpn_channels": 32,
-            "n_bootstrap": 20, **extra}
-
-
 def _no_tracking(tmp: Path) -> str:
     # an added config file sets it as well as `--use_tracking false` would
     path = tmp / "no_tracking.yaml"
@@ -245,8 +229,6 @@ def test_inference_on_a_pacs_export_skips_what_is_not_an_image(tmp_path, xray_ro
     for the three images, the four others in skipped.csv. What is checked is the handling of the inputs, not the
     boxes, so models/model.pt holds the untrained network of the same configs (no training run needed)."""
     from monai.bundle import ConfigParser
-
-    from tests.test_downstream_bundle import MARKER, _check_skipped, pacs_export
 
     inputs = tmp_path / "export"
     usable, bad = pacs_export(inputs, xray_root)

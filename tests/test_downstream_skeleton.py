@@ -185,7 +185,7 @@ def _zoo_model(tmp_path: Path, task: str) -> Path:
     """models/model.pt as training writes it (BestModelSaver with the task's model_settings), untrained weights."""
     from monai.bundle import ConfigParser
 
-    from tests.test_self_describing_models import _save_best_model
+    from tests.bundle_utils import save_best_model as _save_best_model
 
     parser = ConfigParser()
     parser.read_config([str(CONFIGS / f) for f in ("common.yaml", f"{task}.yaml")])

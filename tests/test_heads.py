@@ -1,22 +1,26 @@
-"""Task heads on the MONAI ResNet backbone: shapes at odd sizes, TorchScript, dilation, RetinaNet, LR groups."""
+"""Task models on the MONAI ResNet backbone: stage maps, shapes at odd sizes, TorchScript, dilation, RetinaNet,
+LR groups (``muscle_ext.networks``: resnet_utils, classifier, deeplab, retinanet, finetune)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from muscle_ext.networks.backbone import build_backbone
-from muscle_ext.networks.heads import (
+from muscle_ext.networks import (
     ASPP,
     BackboneClassifier,
     BackboneRegressor,
     BackboneSegmenter,
+    ResNetFPN,
+    backbone_feature_maps,
+    build_backbone,
     build_retinanet_detector,
     dilate_backbone,
     find_backbone,
     freeze_backbone,
     layerwise_param_groups,
     scaled_atrous_rates,
+    stage_channels,
     stage_strides,
 )
 
@@ -27,6 +31,24 @@ SMALL_ODD = (45, 62)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def test_feature_maps_of_the_stages():
+    backbone = build_backbone("resnet18").eval()
+    x = torch.randn(2, 1, 64, 96)
+    with torch.no_grad():
+        maps = backbone_feature_maps(backbone, x)
+        assert [m.shape[1] for m in maps] == stage_channels(backbone) == [64, 128, 256, 512]
+        assert [64 // m.shape[-2] for m in maps] == stage_strides(backbone) == [4, 8, 16, 32]
+        torch.testing.assert_close(backbone(x), maps[-1].mean(dim=(2, 3)))  # pooled features: layer4's map
+        early = backbone_feature_maps(backbone, x, last_stage=2)
+        assert len(early) == 2 and all(torch.equal(a, b) for a, b in zip(early, maps, strict=False))
+        # the FPN runs the same stages (its backbone is the same module)
+        fpn = ResNetFPN(backbone, returned_layers=(2, 3), out_channels=8).eval()
+        assert torch.equal(fpn.feature_maps(x, 3)[-1], maps[2])
+        assert [f.shape[-2] for f in fpn(x).values()] == [8, 4, 2]
+    with pytest.raises(ValueError, match="last_stage"):
+        backbone_feature_maps(backbone, x, last_stage=5)
 
 
 def test_classifier_and_regressor_shapes_and_script():

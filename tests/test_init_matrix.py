@@ -14,11 +14,9 @@ import torch
 
 from muscle_ext.networks import build_backbone, initialize_backbone, load_backbone_checkpoint, save_backbone
 
-from tests.bundle_utils import run_bundle
-from tests.test_detection_bundle import _slice_datalist
-from tests.test_detection_bundle import tiny as tiny_detection
-from tests.test_downstream_bundle import tiny
-from tests.test_pretrained import torchvision_resnet18_state_dict
+from tests.bundle_utils import detection_datalist as _slice_datalist
+from tests.bundle_utils import run_bundle, tiny_detection, torchvision_resnet18_state_dict
+from tests.bundle_utils import tiny_downstream as tiny
 
 # task -> (config, the report's key metric)
 TASKS = {"classification": ("classification.yaml", "roc_auc"), "regression": ("regression.yaml", "mae"),

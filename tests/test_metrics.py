@@ -248,7 +248,7 @@ def test_frozen_probes_separate_separable_features_and_leave_the_global_rng_alon
     query_x = centres[query_y] + torch.randn(40, 16, generator=gen)
     state = torch.random.get_rng_state()
     probe = linear_probe_scores(train_x, train_y, query_x, 2)
-    assert torch.equal(torch.random.get_rng_state(), state)  # the probe's fixed init runs on a forked RNG
+    assert torch.equal(torch.random.get_rng_state(), state)  # the probe leaves torch's global RNG alone
     assert torch.equal(probe, linear_probe_scores(train_x, train_y, query_x, 2))  # deterministic
     knn = knn_scores(train_x, train_y, query_x, 2, k=5)
     for scores in (probe, knn):

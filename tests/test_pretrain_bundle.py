@@ -14,17 +14,9 @@ import torch
 from muscle_ext.networks import load_backbone_checkpoint
 
 from tests.bundle_utils import bundle_command, bundle_env, run_bundle
+from tests.bundle_utils import tiny_pretrain as tiny
 
 TRAIN = ["train.yaml"]
-
-
-def tiny(tmp: Path, xray_root: Path, **extra) -> dict:
-    """A deterministic run of 2 epochs x 8 iterations on 32 px crops, checkpointing every 3 iterations."""
-    return {"dataset_dir": xray_root, "output_dir": tmp / "out", "model_dir": tmp / "models", "image_size": 32,
-            "batch_size": 8, "num_epochs": 2, "warmup_epochs": 1, "queue_size": 40, "bn_splits": 2,
-            "train#sampler#num_samples": 64, "cache": "none", "num_workers": 0, "ckpt_interval": 3,
-            "monitor_datalist": tmp / "none.json", "amp": "false", "channels_last": "false", "use_tracking": "false",
-            **extra}  # yes/no settings as users type them
 
 
 def test_pretrain_writes_a_backbone_from_pooled_real_xrays(tmp_path, xray_root):

@@ -8,36 +8,7 @@ import torch
 from muscle_ext.networks.backbone import build_backbone
 from muscle_ext.networks.pretrained import convert_torchvision_resnet, load_imagenet_backbone
 
-
-def _bn(prefix: str, channels: int, counters: bool) -> dict[str, torch.Tensor]:
-    sd = {f"{prefix}.weight": torch.rand(channels) + 0.5, f"{prefix}.bias": torch.randn(channels),
-          f"{prefix}.running_mean": torch.randn(channels), f"{prefix}.running_var": torch.rand(channels) + 0.5}
-    if counters:
-        sd[f"{prefix}.num_batches_tracked"] = torch.tensor(7)
-    return sd
-
-
-def torchvision_resnet18_state_dict(counters: bool = True) -> dict[str, torch.Tensor]:
-    """torchvision.models.resnet18().state_dict() layout: names and shapes written out from torchvision's
-    ResNet/BasicBlock definitions (downsample = Sequential(conv1x1, bn) in the first block of layers 2-4)."""
-    g = torch.Generator().manual_seed(0)
-    sd = {"conv1.weight": torch.randn(64, 3, 7, 7, generator=g), **_bn("bn1", 64, counters)}
-    in_planes = 64
-    for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (2, 2, 2, 2), strict=True), start=1):
-        for b in range(blocks):
-            p = f"layer{stage}.{b}"
-            stride = 2 if (stage > 1 and b == 0) else 1
-            sd[f"{p}.conv1.weight"] = torch.randn(planes, in_planes, 3, 3, generator=g)
-            sd.update(_bn(f"{p}.bn1", planes, counters))
-            sd[f"{p}.conv2.weight"] = torch.randn(planes, planes, 3, 3, generator=g)
-            sd.update(_bn(f"{p}.bn2", planes, counters))
-            if stride != 1 or in_planes != planes:
-                sd[f"{p}.downsample.0.weight"] = torch.randn(planes, in_planes, 1, 1, generator=g)
-                sd.update(_bn(f"{p}.downsample.1", planes, counters))
-            in_planes = planes
-    sd["fc.weight"] = torch.randn(1000, 512, generator=g)
-    sd["fc.bias"] = torch.randn(1000, generator=g)
-    return sd
+from tests.bundle_utils import torchvision_resnet18_state_dict
 
 
 def test_convert_resnet18_loads_strictly_with_rgb_sum():

@@ -6,11 +6,11 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from muscle_ext.data import XRayReader, XRayReadError, read_xray
 from muscle_ext.data.transforms import xray_preprocessing
+
+from tests.bundle_utils import write_dicom as _write_dicom
 
 
 @pytest.fixture(scope="module")
@@ -19,24 +19,6 @@ def reference(xray_root) -> np.ndarray:
     item = json.loads((xray_root / "pneumonia_nih" / "datalist.json").read_text())["training"][0]
     image = np.asarray(Image.open(xray_root / "pneumonia_nih" / item["image"]).convert("L"))
     return image[:200, :256].copy()  # 200 rows, 256 columns
-
-
-def _write_dicom(path, pixels: np.ndarray, photometric: str = "MONOCHROME2", with_pixels: bool = True,
-                 patient: str = "Anon^Test") -> None:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR image storage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.PatientName, ds.PatientID, ds.Modality = patient, patient, "CR"
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelSpacing = [0.2, 0.1]
-    if with_pixels:
-        ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def test_every_format_loads_rows_first(tmp_path, reference):

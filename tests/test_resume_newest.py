@@ -24,8 +24,9 @@ from torch import nn
 from muscle_ext.handlers import MetricHistory, RNGStates, latest_checkpoint
 from muscle_ext.networks import build_backbone, save_backbone
 
+from tests.bundle_utils import downstream_configs as configs
 from tests.bundle_utils import run_bundle
-from tests.test_downstream_bundle import configs, tiny
+from tests.bundle_utils import tiny_downstream as tiny
 
 
 # --------------------------------------------------------------------------------------- folders MONAI's saver writes

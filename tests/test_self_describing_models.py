@@ -30,6 +30,7 @@ from muscle_ext.networks import (
 from muscle_ext.networks.model_settings import plain_settings
 
 from tests.bundle_utils import BUNDLES, bundle_command, bundle_env, run_bundle
+from tests.bundle_utils import save_best_model as _save_best_model
 
 CONFIGS = BUNDLES / "downstream" / "configs"
 PRETRAIN = BUNDLES / "muscle_pretrain" / "configs"
@@ -155,20 +156,6 @@ def _parser(files: list[str], **updates):
     parser.read_config([str(CONFIGS / f) for f in files])
     parser.update({"device": "cpu", **updates})
     return parser
-
-
-def _save_best_model(model_dir: Path, network: torch.nn.Module, settings: dict) -> Path:
-    """models/model.pt as the bundles' BestModelSaver writes it at a new best validation score."""
-    from ignite.engine import Engine
-
-    from muscle_ext.handlers import BestModelSaver
-
-    saver = BestModelSaver(str(model_dir), {"model": network}, settings=settings, save_key_metric=True,
-                           key_metric_filename="model.pt")
-    engine = Engine(lambda e, b: None)
-    engine.state.key_metric_name, engine.state.metrics = "val", {"val": 0.5}
-    saver._key_metric_checkpoint(engine)  # what its EPOCH_COMPLETED handler runs
-    return model_dir / "model.pt"
 
 
 ROUND_TRIP = {  # task config, inference config, non-default training settings, one to contradict

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -19,8 +21,8 @@ from muscle_ext.handlers import (
     PrivacyFilter,
     ResilientMlflowWriter,
     TrackingHandler,
+    TrackingRun,
     checkpoint_lineage,
-    current_run_id,
     datalist_fingerprint,
     flatten_config,
     resolve_tracking_uri,
@@ -32,7 +34,7 @@ from tests.mlflow_server import free_port
 mlflow = pytest.importorskip("mlflow")
 
 MARKER = "PATIENT_MARKER_12345"
-WRITER_LOG = "muscle_ext.handlers.resilient_client"
+WRITER_LOG = "muscle_ext.handlers.tracking.writer"
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
@@ -64,7 +66,9 @@ def _data(n: int = 8) -> list[dict]:
     return [{"image": torch.rand(4, generator=g), "label": torch.rand(2, generator=g)} for _ in range(n)]
 
 
-def _trainer(train_handlers, val_handlers=(), max_epochs: int = 2, n: int = 8):
+def _trainer(train_handlers, val_handlers=(), max_epochs: int = 2, n: int = 8, before=lambda net: []):
+    """A trainer validated every epoch; ``before(net)`` gives handlers attached before ``train_handlers`` (whose
+    outputs a tracker uploads at the end)."""
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 2)
     loader = torch.utils.data.DataLoader(_data(n), batch_size=2)
@@ -76,7 +80,8 @@ def _trainer(train_handlers, val_handlers=(), max_epochs: int = 2, n: int = 8):
     trainer = SupervisedTrainer(
         device="cpu", max_epochs=max_epochs, train_data_loader=loader, network=net,
         optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=torch.nn.MSELoss(),
-        train_handlers=[ValidationHandler(validator=evaluator, interval=1, epoch_level=True), *train_handlers],
+        train_handlers=[ValidationHandler(validator=evaluator, interval=1, epoch_level=True), *before(net),
+                        *train_handlers],
     )
     return trainer, net, evaluator
 
@@ -186,20 +191,18 @@ def test_server_receives_run(mlflow_server, tmp_path):
     extra_file.write_text('{"auc": 0.5}')
     seen = {}
 
-    train_h = TrackingHandler(output_dir=out, tracking_uri=mlflow_server.uri, experiment_name="t",
-                              config=config, datalists={"train": str(datalist)}, parent_checkpoint=ckpt,
-                              parent_run_id=parent, artifacts=[str(out / "ckpt"), str(extra_file)])
-    val_h = TrackingHandler(output_dir=out, tracking_uri=mlflow_server.uri, experiment_name="t",
-                            iteration_log=False, close_on_complete=False)
-    trainer, net, _ = _trainer([train_h], [val_h])
-    CheckpointSaver(str(out / "ckpt"), {"net": net}, save_final=True).attach(trainer)
-    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=2),
-                              lambda e: seen.update(run_id=current_run_id(), state=e.state.mlflow_run_id))
+    shared = TrackingRun(tracking_uri=mlflow_server.uri, experiment_name="t", parent_run_id=parent)
+    train_h = TrackingHandler(shared, output_dir=out, config=config, datalists={"train": str(datalist)},
+                              parent_checkpoint=ckpt, artifacts=[str(out / "ckpt"), str(extra_file)])
+    val_h = TrackingHandler(shared, output_dir=out, iteration_log=False, close_on_complete=False)
+    trainer, net, _ = _trainer([train_h], [val_h], before=lambda net: [
+        CheckpointSaver(str(out / "ckpt"), {"net": net}, save_final=True)])
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=2), lambda e: seen.update(state=e.state.mlflow_run_id))
     trainer.run()
 
     run = client.get_run(train_h.run_id)
-    assert run.info.status == "FINISHED" and seen == {"run_id": run.info.run_id, "state": run.info.run_id}
-    assert val_h.run_id == train_h.run_id  # the validator joined the trainer's run
+    assert run.info.status == "FINISHED" and seen == {"state": run.info.run_id} and not shared.active
+    assert val_h.run_id == train_h.run_id  # the validator logged into the trainer's run
     p, t = run.data.params, run.data.tags
     assert p["config.optimizer.lr"] == "0.1" and p["seed"] == "11" and p["max_epochs"] == "2"
     assert p["config.train_datalist"].startswith("sha256:")
@@ -311,8 +314,8 @@ def test_nothing_patient_related_is_logged(tmp_path, caplog, capsys, local_store
     }
     handler = TrackingHandler(output_dir=out, config=config, tags={"source_dir": str(data_root)},
                               artifacts=[str(out / "ckpt")])
-    trainer, net, _ = _trainer([handler])
-    CheckpointSaver(str(out / "ckpt"), {"net": net}, save_final=True).attach(trainer)
+    trainer, net, _ = _trainer([handler], before=lambda net: [
+        CheckpointSaver(str(out / "ckpt"), {"net": net}, save_final=True)])
     per_case = {f"/data/{MARKER}/0.dcm": 0.5, f"{MARKER}.png": 0.1, "filename_or_obj": 1.0, "mean": 0.3}
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(per_case=per_case))
     trainer.run()
@@ -341,7 +344,9 @@ def test_evaluator_run_and_handler_errors_never_stop_the_engine(tmp_path, caplog
     assert run.data.tags["muscle.workflow"] == "evaluate" and "val_mse" in run.data.metrics
     assert trainer.state.epoch == 1 and broken.last_summary == {"params": 0, "tags": 0, "metrics": 0, "artifacts": 0}
     failures = [r for r in caplog.records if "iteration_completed failed (ZeroDivisionError)" in r.message]
-    assert len(failures) == 1
+    assert len(failures) == 1  # once, not once per iteration; and the run itself says so
+    tags = mlflow.MlflowClient(uri).get_run(broken.run_id).data.tags
+    assert tags["muscle.tracking.handler_errors"] == "iteration_completed:ZeroDivisionError"
 
 
 def test_lineage_from_exported_backbone(tmp_path, local_store):
@@ -350,8 +355,8 @@ def test_lineage_from_exported_backbone(tmp_path, local_store):
     uri = local_store(tmp_path)
     backbone = tmp_path / "models" / "backbone.pt"
     first = TrackingHandler(output_dir=tmp_path, config={"stage": 1}, artifacts=[str(backbone)])
-    trainer, net, _ = _trainer([first], max_epochs=1)
-    BackboneExporter(backbone, net, arch="resnet18", source={"bundle": "muscle_pretrain"}).attach(trainer)
+    trainer, net, _ = _trainer([first], max_epochs=1, before=lambda net: [
+        BackboneExporter(backbone, net, arch="resnet18", source={"bundle": "muscle_pretrain"})])
     trainer.run()  # the exporter runs at COMPLETED while the run is open; the upload comes after it
     assert torch.load(backbone, weights_only=True)["source"]["mlflow_run_id"] == first.run_id
     client = mlflow.MlflowClient(uri)
@@ -411,6 +416,10 @@ def test_bundle_run(tmp_path, monkeypatch, mode, local_store):
     (bundle / "configs" / "metadata.json").write_text(json.dumps({"name": "tiny_bundle", "version": "0.1.0"}))
     monkeypatch.chdir(bundle)
     tracking = str(TRACKING_SETTINGS_PATH) if mode == "tracking_settings" else None
+    # the config logged is the one `python -m monai.bundle run` is running, read from its command line
+    main = Path(ConfigWorkflow.__module__.replace(".", "/")).parent / "__main__.py"
+    monkeypatch.setattr(sys, "argv", [str(main), "run", "--config_file", "configs/train.json", "--max_epochs", "1",
+                                      *(["--tracking", tracking] if tracking else [])])
     workflow = ConfigWorkflow(config_file="configs/train.json", logging_file=False, workflow_type=None,
                               tracking=tracking, max_epochs=1)  # an override must show up in the params
     workflow.initialize()
@@ -426,3 +435,66 @@ def test_bundle_run(tmp_path, monkeypatch, mode, local_store):
     assert run.data.tags["muscle.bundle"] == "tiny_bundle" and run.info.run_name.startswith("tiny_bundle_")
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 3
     assert MARKER.encode() not in (bundle / "mlflow.db").read_bytes()
+
+
+# --------------------------------------------------------------------------- no MONAI privates, no globals
+def test_tracks_whatever_monai_mlflow_handler_looks_like(tmp_path, monkeypatch, local_store):
+    """A MONAI release that renames, adds or removes MLFlowHandler's internals must not touch tracking."""
+    from monai.handlers import MLFlowHandler
+
+    uri = local_store(tmp_path)
+    for private in [name for name in vars(MLFlowHandler) if name.startswith("_") and not name.startswith("__")]:
+        monkeypatch.delattr(MLFlowHandler, private)
+    monkeypatch.setattr(MLFlowHandler, "__init__", lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("new")))
+    monkeypatch.setattr(MLFlowHandler, "a_new_attribute", object(), raising=False)
+    handler = TrackingHandler(output_dir=tmp_path, config={"lr": 0.1})
+    trainer, _, _ = _trainer([handler])
+    trainer.run()
+    run = mlflow.MlflowClient(uri).get_run(handler.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["config.lr"] == "0.1" and "train_loss" in run.data.metrics
+    assert not handler.errors
+
+
+def test_run_ends_cleanly_and_leaves_nothing_behind(tmp_path, local_store):
+    uri = local_store(tmp_path)
+    client = mlflow.MlflowClient(uri)
+    run = TrackingRun()
+    handler = TrackingHandler(run, output_dir=tmp_path, config={"lr": 0.1})
+    trainer, _, _ = _trainer([handler], max_epochs=1)
+    trainer.run()
+    run_id, tmpdir = run.run_id, run._tmpdir
+    assert client.get_run(run_id).info.status == "FINISHED" and not run.active and not Path(tmpdir).exists()
+    del trainer, handler, run
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, TrackingRun)]  # no registry keeps runs alive
+
+    # an engine that raises ends its run FAILED, and the exception goes on
+    crashed = TrackingHandler(output_dir=tmp_path, config={"lr": 0.1})
+    trainer, _, _ = _trainer([crashed], max_epochs=1)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=2), lambda e: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        trainer.run()
+    assert client.get_run(crashed.run_id).info.status == "FAILED" and not crashed.run.active
+
+    # a run nobody ended (a crash outside any engine) ends FAILED when it is collected, not RUNNING forever
+    abandoned = TrackingRun()
+    abandoned.start("abandoned")
+    abandoned_id = abandoned.run_id
+    assert client.get_run(abandoned_id).info.status == "RUNNING"
+    del abandoned
+    gc.collect()
+    assert client.get_run(abandoned_id).info.status == "FAILED"
+
+
+def test_http_limits_are_scoped_to_the_writer(monkeypatch):
+    from muscle_ext.handlers.tracking import http_limits
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # the user's own value wins
+    TrackingHandler(output_dir="out", config={})  # building a handler changes no environment variable
+    import os
+
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+    with http_limits(timeout_s=5, max_retries=0):
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5" and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"

@@ -25,9 +25,9 @@ from muscle_ext.handlers import datalist_fingerprint
 from muscle_ext.networks import file_sha256, load_backbone_checkpoint
 
 from tests.bundle_utils import bundle_command, bundle_env, run_bundle
+from tests.bundle_utils import tiny_pretrain as pretrain_tiny
+from tests.bundle_utils import write_dicom as _write_dicom
 from tests.mlflow_server import MlflowServer
-from tests.test_pretrain_bundle import tiny as pretrain_tiny
-from tests.test_readers import _write_dicom
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -245,15 +245,23 @@ def test_no_patient_identifier_reaches_store_logs_or_outputs(pretrain, mlflow_se
     assert {mlflow_server.db.name, "backbone.pt", "checkpoint_8.pt", "metrics.json"} <= set(checked), checked
 
 
-def test_input_summary_lines_are_redacted(tmp_path):
-    """The filter `import muscle_ext.handlers` puts on MONAI's input summary (`python -m monai.bundle run` prints
-    every command-line argument), on the lines MONAI writes: keys by the key rule, paths by the allowed roots."""
+def test_input_summary_lines_are_redacted(tmp_path, monkeypatch):
+    """The filter that `check_overrides` (the first step of every config's `initialize`, which MONAI runs before it
+    prints its input summary of every command-line argument) puts on MONAI's logger, on the lines MONAI writes: keys
+    by the key rule, paths by the allowed roots. Importing muscle_ext installs nothing."""
     import logging
     import pprint
+    import sys
 
+    from muscle_ext.bundle_checks import check_overrides
     from muscle_ext.handlers import InputSummaryRedactor
 
-    installed = [f for f in logging.getLogger("monai.bundle.scripts").filters if isinstance(f, InputSummaryRedactor)]
+    target = logging.getLogger("monai.bundle.scripts")
+    monkeypatch.setattr(target, "filters", [f for f in target.filters if not isinstance(f, InputSummaryRedactor)])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # check_overrides installs the error hook too
+    check_overrides("test bundle", argv=[])
+    check_overrides("test bundle", argv=[])  # a second workflow in the same process: still one filter
+    installed = [f for f in target.filters if isinstance(f, InputSummaryRedactor)]
     assert len(installed) == 1
     data = f"/mnt/site_{MARKER}/{'a long folder name/' * 6}images"  # pprint splits it (at spaces) over lines
     args = {"bundle_root": str(tmp_path / "bundle"), "output_dir": str(tmp_path / "out"),

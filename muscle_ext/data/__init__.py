@@ -1,5 +1,6 @@
 """X-ray I/O, pre-processing transforms, datalists, dataset pooling and caching, inference output writers."""
 
+from .backbone_inputs import backbone_input_loader
 from .datalist import (
     DatalistError,
     ValidationReport,
@@ -35,6 +36,7 @@ __all__ = [
     "ValidationReport",
     "XRayReadError",
     "XRayReader",
+    "backbone_input_loader",
     "case_id",
     "datalist_from_class_folders",
     "datalist_from_csv",

@@ -1,25 +1,24 @@
-"""Training engines: the MoCo trainer and the multi-task continual trainer on a shared base, mixed precision on any
-device, learning-rate schedules."""
+"""Training engines: the MoCo trainer, the multi-task continual trainer and the detection trainer and evaluator on a
+shared base, mixed precision on any device, learning-rate schedules."""
 
-from .continual import MultiTaskTrainer, SupervisedTask, TaskEvents, TaskSchedule, task_loss
+from .continual import MultiTaskTrainer, SupervisedTask, TaskSchedule, task_loss
+from .detection import DetectionEvaluator, DetectionLoss, DetectionPrepareBatch, DetectionTrainer, unwrap_detector
+from .events import TaskEvents
 from .inferers import AutocastInferer
 from .moco_trainer import ACC_TOP1, MoCoTrainer, PrepareTwoViews, unwrap_moco
 from .precision import autocast_on, bf16_is_fast, needs_grad_scaler
 from .schedules import cosine_with_warmup, cosine_with_warmup_factor
-from .task_specs import (
-    TaskSet,
-    TaskSpec,
-    TaskValidation,
-    evaluate_tasks,
-    load_task_networks,
-    parse_task_specs,
-    spec_table,
-)
+from .task_set import TaskSet, TaskValidation, evaluate_tasks, load_task_networks
+from .task_specs import TaskSpec, parse_task_specs, spec_table
 from .trainer import StepTrainer
 
 __all__ = [
     "AutocastInferer",
     "ACC_TOP1",
+    "DetectionEvaluator",
+    "DetectionLoss",
+    "DetectionPrepareBatch",
+    "DetectionTrainer",
     "MoCoTrainer",
     "MultiTaskTrainer",
     "PrepareTwoViews",
@@ -40,5 +39,6 @@ __all__ = [
     "parse_task_specs",
     "spec_table",
     "task_loss",
+    "unwrap_detector",
     "unwrap_moco",
 ]

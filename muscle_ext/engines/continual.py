@@ -17,36 +17,25 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from monai.data.utils import set_rnd
 from monai.engines.utils import IterationEvents, default_prepare_batch
-from monai.utils import IgniteInfo, min_version, optional_import
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 from torch.optim.optimizer import Optimizer
 
 from ..flags import as_flag
+from .events import TaskEvents
 from .trainer import StepTrainer
 
-if TYPE_CHECKING:
-    from ignite.engine import EventEnum
-else:
-    EventEnum, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "EventEnum")
-
-__all__ = ["MultiTaskTrainer", "SupervisedTask", "TaskEvents", "TaskSchedule", "task_loss"]
+__all__ = ["MultiTaskTrainer", "SupervisedTask", "TaskSchedule", "task_loss"]
 
 logger = logging.getLogger(__name__)
 
 TASK = "task"
-
-
-class TaskEvents(EventEnum):
-    """``TASK_STARTED``: the first iteration of a task visit, before its batch is drawn."""
-
-    TASK_STARTED = "task_started"
 
 
 class TaskSchedule:
@@ -219,16 +208,8 @@ class MultiTaskTrainer(StepTrainer):
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             engine.state.output[Keys.LOSS] = task.weight * task.loss_function(pred, targets).mean()
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        loss = engine.state.output[Keys.LOSS]
-        if engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
+        loss = engine.state.output[Keys.LOSS]  # a LOSS_COMPLETED handler may have added its penalty
+        engine.backward_and_step(loss)
         output = engine.state.output
         output[Keys.LOSS] = loss.detach()
         output[Keys.PRED] = output[Keys.PRED].detach()

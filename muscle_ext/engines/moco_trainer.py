@@ -165,7 +165,6 @@ class MoCoTrainer(StepTrainer):
             im_k = im_k.contiguous(memory_format=torch.channels_last)
 
         should_zero_grad, should_step = engine._accumulation_flags()
-        acc = engine.accumulation_steps
         engine.state.output = {}
         engine.network.train()
         if should_zero_grad:
@@ -178,19 +177,8 @@ class MoCoTrainer(StepTrainer):
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             engine.state.output[Keys.LOSS] = engine.loss_function(logits.float(), labels).mean()
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        loss = engine.state.output[Keys.LOSS]  # a LOSS_COMPLETED handler may have replaced it
-        loss = loss / acc if acc > 1 else loss
-        if engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            if should_step:
-                engine.scaler.step(engine.optimizer)
-                engine.scaler.update()
-        else:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            if should_step:
-                engine.optimizer.step()
+        # a LOSS_COMPLETED handler may have replaced the loss
+        engine.backward_and_step(engine.state.output[Keys.LOSS], step=should_step)
 
         # The key encoder follows the query encoder only after it changed; every batch's keys join the queue.
         if should_step:

@@ -1,4 +1,4 @@
-"""``StepTrainer``: the base of our trainers that write their own iteration (MoCo, detection)."""
+"""``StepTrainer``: the base of our trainers that write their own iteration (MoCo, detection, multi-task)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
 from monai.engines.workflow import Workflow
 
 from .precision import autocast_on, needs_grad_scaler
@@ -18,7 +19,7 @@ class StepTrainer(SupervisedTrainer):
 
     ``amp`` autocasts on the engine's own device type with ``amp_kwargs`` (e.g. ``{"dtype": torch.bfloat16}`` on
     a CPU), where MONAI autocasts on CUDA only; a ``GradScaler`` is created only for float16 on CUDA, where MONAI
-    creates one for every amp run.
+    creates one for every amp run. Subclasses' iterations end with :meth:`backward_and_step`.
     """
 
     @property
@@ -43,3 +44,28 @@ class StepTrainer(SupervisedTrainer):
         local_iter = (self.state.iteration - 1) % epoch_length if epoch_length else self.state.iteration - 1
         last = epoch_length is not None and (local_iter + 1) == epoch_length
         return local_iter % acc == 0, (local_iter + 1) % acc == 0 or last
+
+    def backward_and_step(self, loss: torch.Tensor, step: bool = True, max_grad_norm: float | None = None) -> None:
+        """Back-propagate ``loss`` and, when ``step``, update the weights: the end of a training iteration.
+
+        ``loss`` is divided by ``accumulation_steps`` and scaled by the ``GradScaler`` when there is one;
+        ``IterationEvents.BACKWARD_COMPLETED`` fires after backward, before the step (handlers that act on the
+        gradients, e.g. :class:`~muscle_ext.handlers.ReplicaSync`). With ``max_grad_norm`` the gradient norm is
+        clipped before the step, on the true (unscaled) gradients. The caller zeroes the gradients (before the
+        forward pass) and fires ``LOSS_COMPLETED`` before and ``MODEL_COMPLETED`` after this.
+        """
+        acc = self.accumulation_steps
+        loss = loss / acc if acc > 1 else loss
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        self.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if not step:
+            return
+        if max_grad_norm is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)  # clip true gradients, not scaled ones
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()

@@ -13,11 +13,12 @@ from muscle_ext.handlers.checkpointing import (
     latest_checkpoint,
     resume_checkpoint,
 )
+from muscle_ext.handlers.detection_report import DetectionReport
 from muscle_ext.handlers.evaluation import ClassificationReport, EvaluationReport, RegressionReport, SegmentationReport
 from muscle_ext.handlers.knn_monitor import KNNMonitor
 from muscle_ext.handlers.memorization import CrossTaskMemorization, EWCMemorization, FeatureDistillation
 from muscle_ext.handlers.metric_history import MetricHistory
-from muscle_ext.handlers.predictions import MaskColumns, PredictionSaver, ProbabilityColumns, ValueColumns
+from muscle_ext.handlers.predictions import BoxColumns, MaskColumns, PredictionSaver, ProbabilityColumns, ValueColumns
 from muscle_ext.handlers.privacy import (
     InputSummaryRedactor,
     PrivacyFilter,
@@ -27,13 +28,13 @@ from muscle_ext.handlers.privacy import (
     short_hash,
 )
 from muscle_ext.handlers.replica_sync import ReplicaSync, handlers_for_rank
-from muscle_ext.handlers.resilient_client import ResilientMlflowWriter
 from muscle_ext.handlers.tracking import (
     PARENT_RUN_ENV,
     TRACKING_SETTINGS_PATH,
+    ResilientMlflowWriter,
     TrackingHandler,
+    TrackingRun,
     checkpoint_lineage,
-    current_run_id,
     environment_versions,
     loss_from_output,
     resolve_tracking_uri,
@@ -43,14 +44,12 @@ from muscle_ext.handlers.tracking import (
 )
 from muscle_ext.handlers.visit_matrix import VisitMatrix
 
-# `monai.bundle run` prints its command-line arguments (data folders included) after the bundle's imports ran:
-# redact them with the tracking privacy rule (see muscle_ext.handlers.privacy, "Logs").
-install_input_summary_redaction()
-
 __all__ = [
     "BackboneExporter",
     "BestModelSaver",
+    "BoxColumns",
     "ClassificationReport",
+    "DetectionReport",
     "CrossTaskMemorization",
     "EWCMemorization",
     "FeatureDistillation",
@@ -78,8 +77,8 @@ __all__ = [
     "PrivacyFilter",
     "ResilientMlflowWriter",
     "TrackingHandler",
+    "TrackingRun",
     "checkpoint_lineage",
-    "current_run_id",
     "datalist_fingerprint",
     "environment_versions",
     "flatten_config",

@@ -33,6 +33,8 @@ class BackboneExporter:
             exported backbone is the best model's.
     """
 
+    rank_zero_only = True  # data-parallel runs export once (muscle_ext.handlers.handlers_for_rank)
+
     def __init__(self, path: str | Path, backbone: nn.Module | Callable[[], nn.Module], arch: str,
                  backbone_kwargs: dict | None = None, source: dict | None = None, interval: int = 0,
                  on_best_metric: bool = False, settings: Mapping[str, Any] | None = None) -> None:
@@ -65,25 +67,9 @@ class BackboneExporter:
         module = self.backbone() if callable(self.backbone) and not isinstance(self.backbone, nn.Module) \
             else self.backbone
         source: dict[str, Any] = {**self.source, "epoch": engine.state.epoch, "iteration": engine.state.iteration}
-        run_id = _active_mlflow_run_id()
+        run_id = getattr(engine.state, "mlflow_run_id", None)  # set by TrackingHandler when its run started
         if run_id:
             source["mlflow_run_id"] = run_id
         self.sha256 = save_backbone(self.path, module, self.arch, self.backbone_kwargs, source, self.settings)
         engine.state.backbone_sha256 = self.sha256
         self.logger.info(f"backbone saved: {self.path.name} (sha256 {self.sha256[:12]}, epoch {engine.state.epoch})")
-
-
-def _active_mlflow_run_id() -> str | None:
-    try:
-        # TrackingHandler logs through MlflowClient, so mlflow.active_run() (the fluent API) does not see its run
-        from .tracking import current_run_id
-
-        run_id = current_run_id()
-        if run_id:
-            return run_id
-        import mlflow
-
-        run = mlflow.active_run()
-        return run.info.run_id if run else None
-    except Exception:  # tracking must never break saving the model
-        return None

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from ignite.engine import Engine, Events
 
 from muscle_ext.metrics import (
@@ -34,15 +33,12 @@ from muscle_ext.metrics import (
     segmentation_scores,
     to_positive_prob,
 )
+from muscle_ext.metrics._arrays import to_numpy
 from muscle_ext.metrics.report import write_case_scores, write_report
 
 __all__ = ["ClassificationReport", "EvaluationReport", "RegressionReport", "SegmentationReport"]
 
 logger = logging.getLogger(__name__)
-
-
-def _numpy(x: Any) -> np.ndarray:
-    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def _items(output: Any) -> list[Mapping]:
@@ -103,8 +99,8 @@ class EvaluationReport:
             self.add(item)
 
     def add(self, item: Mapping) -> None:
-        self.preds.append(_numpy(item[self.pred_key]))
-        self.labels.append(_numpy(item[self.label_key]))
+        self.preds.append(to_numpy(item[self.pred_key], np.float32))
+        self.labels.append(to_numpy(item[self.label_key], np.float32))
 
     def compute(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -172,8 +168,8 @@ class ClassificationReport(EvaluationReport):
         self.class_names = [str(c) for c in class_names]
 
     def add(self, item: Mapping) -> None:
-        label = _numpy(item[self.label_key]).ravel()
-        self.preds.append(_numpy(item[self.pred_key]).ravel())
+        label = to_numpy(item[self.label_key], np.float32).ravel()
+        self.preds.append(to_numpy(item[self.pred_key], np.float32).ravel())
         self.labels.append(np.asarray(int(label.argmax()) if label.size > 1 else int(round(float(label[0])))))
 
     def compute(self) -> dict[str, Any]:
@@ -213,8 +209,8 @@ class RegressionReport(EvaluationReport):
         self.unit = unit
 
     def add(self, item: Mapping) -> None:
-        self.preds.append(_numpy(item[self.pred_key]).reshape(-1)[:1])
-        self.labels.append(_numpy(item[self.label_key]).reshape(-1)[:1])
+        self.preds.append(to_numpy(item[self.pred_key], np.float32).reshape(-1)[:1])
+        self.labels.append(to_numpy(item[self.label_key], np.float32).reshape(-1)[:1])
 
     def compute(self) -> dict[str, Any]:
         report = regression_report(np.concatenate(self.labels), np.concatenate(self.preds), self.n_resamples,
@@ -259,7 +255,7 @@ class SegmentationReport(EvaluationReport):
 
     @staticmethod
     def _label_map(x: Any) -> np.ndarray:
-        array = _numpy(x)
+        array = to_numpy(x, np.float32)
         array = array.argmax(axis=0) if array.ndim == 3 and array.shape[0] > 1 else array.reshape(array.shape[-2:])
         return np.rint(array).astype(np.uint8)
 
@@ -267,7 +263,7 @@ class SegmentationReport(EvaluationReport):
         self.preds.append(self._label_map(item[self.pred_key]))
         self.labels.append(self._label_map(item[self.label_key]))
         if len(self.images) < self.num_overlays and self.image_key in item:
-            self.images.append(_numpy(item[self.image_key])[0])
+            self.images.append(to_numpy(item[self.image_key], np.float32)[0])
 
     def compute(self) -> dict[str, Any]:
         report = segmentation_report(np.stack(self.preds), np.stack(self.labels), self.num_classes,

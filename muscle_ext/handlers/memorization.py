@@ -30,8 +30,8 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
-from ..engines.continual import TaskEvents
-from ..networks.backbone import backbone_feature_maps
+from ..engines.events import TaskEvents
+from ..networks import backbone_feature_maps
 from ..networks.regularizers import (
     diagonal_fisher,
     ewc_penalty,

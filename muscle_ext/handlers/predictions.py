@@ -2,8 +2,9 @@
 
 Rows hold a running ``index``, the ``case_id`` (a hash of the input path, never its name) and the columns of a
 task-specific column maker: :class:`ProbabilityColumns` (classification), :class:`ValueColumns` (regression),
-:class:`MaskColumns` (segmentation, after ``muscle_ext.data.SaveMaskd`` wrote the mask). DICOM patient and study
-identifiers are added only with ``include_patient_fields=True``.
+:class:`MaskColumns` (segmentation, after ``muscle_ext.data.SaveMaskd`` wrote the mask), :class:`BoxColumns`
+(detection, after ``muscle_ext.data.boxes.SaveBoxesd`` wrote the boxes). DICOM patient and study identifiers are added
+only with ``include_patient_fields=True``.
 """
 
 from __future__ import annotations
@@ -15,19 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from ignite.engine import Engine, Events
 
 from muscle_ext.data.writers import case_id, dicom_patient_fields, source_path, write_csv
 from muscle_ext.flags import as_flag
+from muscle_ext.metrics._arrays import to_numpy
 
-__all__ = ["MaskColumns", "PredictionSaver", "ProbabilityColumns", "ValueColumns"]
+__all__ = ["BoxColumns", "MaskColumns", "PredictionSaver", "ProbabilityColumns", "ValueColumns"]
 
 logger = logging.getLogger(__name__)
-
-
-def _numpy(x: Any) -> np.ndarray:
-    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=float)
 
 
 class ProbabilityColumns:
@@ -46,7 +43,7 @@ class ProbabilityColumns:
         return self.class_names[k] if self.class_names and k < len(self.class_names) else str(k)
 
     def __call__(self, item: Mapping) -> dict[str, Any]:
-        probs = _numpy(item[self.pred_key]).ravel()
+        probs = to_numpy(item[self.pred_key], float).ravel()
         if probs.size <= 2:
             positive = float(probs[-1])
             label = int(positive >= self.threshold)
@@ -67,7 +64,7 @@ class ValueColumns:
         self.digits = digits
 
     def __call__(self, item: Mapping) -> dict[str, Any]:
-        return {self.name: round(float(_numpy(item[self.pred_key]).ravel()[0]), self.digits)}
+        return {self.name: round(float(to_numpy(item[self.pred_key], float).ravel()[0]), self.digits)}
 
 
 class MaskColumns:
@@ -80,13 +77,35 @@ class MaskColumns:
         self.digits = digits
 
     def __call__(self, item: Mapping) -> dict[str, Any]:
-        mask = np.rint(np.squeeze(_numpy(item[self.pred_key])))
+        mask = np.rint(np.squeeze(to_numpy(item[self.pred_key], float)))
         row: dict[str, Any] = {"mask_file": item.get(f"{self.pred_key}_file", ""), "rows": int(mask.shape[0]),
                                "columns": int(mask.shape[1])}
         for k in range(1, self.num_classes):
             name = "foreground_fraction" if self.num_classes == 2 else f"class_{k}_fraction"
             row[name] = round(float(np.mean(mask == k)), self.digits)
         return row
+
+
+class BoxColumns:
+    """``predictions.csv`` columns for detection (``muscle_ext.handlers.PredictionSaver``): the files
+    :class:`~muscle_ext.data.boxes.SaveBoxesd` wrote for the image, its size and the number and best score of its
+    boxes at or above ``score_threshold``."""
+
+    def __init__(self, pred_key: str = "pred", label_key: str = "label", score_key: str | None = None,
+                 score_threshold: float = 0.0, digits: int = 4) -> None:
+        self.pred_key = pred_key
+        self.score_key = score_key or f"{label_key}_scores"
+        self.score_threshold = float(score_threshold)
+        self.digits = digits
+
+    def __call__(self, item: Mapping) -> dict[str, Any]:
+        scores = to_numpy(item[self.pred_key][self.score_key], np.float32).reshape(-1)
+        scores = scores[scores >= self.score_threshold]
+        shape = item["image"].meta["spatial_shape"]
+        return {"boxes_file": item.get(f"{self.pred_key}_file", ""),
+                "boxes_csv_file": item.get(f"{self.pred_key}_csv_file", ""),
+                "rows": int(shape[0]), "columns": int(shape[1]), "n_boxes": len(scores),
+                "max_score": round(float(scores.max()), self.digits) if len(scores) else ""}
 
 
 class PredictionSaver:

@@ -1,5 +1,8 @@
 """What experiment tracking may send out of the process: the redaction rule, config flattening, datalist hashes.
 
+(One module of ~400 lines on purpose: the privacy rule, and everything that applies it to values, keys and log
+lines, is reviewed in one place.)
+
 Datalists and image meta data may carry patient names (in file paths, DICOM fields), so nothing from them is
 logged. Config values are checked with one rule, applied before anything is flattened, logged or written:
 

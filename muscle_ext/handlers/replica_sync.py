@@ -65,20 +65,19 @@ class ReplicaSync:
 
     def _broadcast(self, engine: Engine, parameters: bool) -> None:
         tensors = list(self.module.buffers()) + (list(self.module.parameters()) if parameters else [])
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for tensor in tensors:
+            by_dtype.setdefault(tensor.dtype, []).append(tensor)
         with torch.no_grad():
-            for tensor in tensors:
-                tensor.copy_(idist.broadcast(tensor.detach(), src=0))
+            for group in by_dtype.values():  # one collective per dtype, not one per tensor
+                _copy_flat(idist.broadcast(torch.cat([t.detach().reshape(-1) for t in group]), src=0), group)
 
     def _average_gradients(self, engine: Engine) -> None:
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])  # one collective per step, not one per tensor
-        flat = idist.all_reduce(flat) / idist.get_world_size()
-        offset = 0
-        for grad in grads:
-            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
+        _copy_flat(idist.all_reduce(flat) / idist.get_world_size(), grads)
 
     def check_in_sync(self, engine: Engine | None = None) -> float:
         """The largest difference of any parameter or buffer from rank 0's (the same on every rank); raises above
@@ -97,15 +96,23 @@ class ReplicaSync:
         return worst
 
 
+def _copy_flat(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """Copy the consecutive slices of ``flat`` back into ``tensors`` (the inverse of ``cat`` of their views)."""
+    offset = 0
+    for tensor in tensors:
+        tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
+
+
 def handlers_for_rank(handlers: Sequence[Any], rank: int) -> list[Any]:
     """The handlers a data-parallel process attaches: all of them on rank 0; on the others, those that take part in
-    training or validation (schedules, validation runs, loss terms), without the ones that only log or write
-    (``StatsHandler``, ``ProgressBar``, MLflow tracking, backbone export), which rank 0 does for all. ``None``
-    entries (disabled handlers) are dropped."""
+    training or validation (schedules, validation runs, loss terms), without the ones that only log or write, which
+    rank 0 does for all: MONAI's and Ignite's loggers (``StatsHandler``, ``MLFlowHandler``, ``ProgressBar``) and any
+    handler whose class says ``rank_zero_only = True`` (MLflow tracking, backbone export). ``None`` entries
+    (disabled handlers) are dropped."""
     from ignite.handlers import ProgressBar
     from monai.handlers import MLFlowHandler, StatsHandler
 
-    from .backbone_export import BackboneExporter
-
-    reporters = (StatsHandler, ProgressBar, MLFlowHandler, BackboneExporter)
-    return [h for h in handlers if h is not None and (rank == 0 or not isinstance(h, reporters))]
+    reporters = (StatsHandler, ProgressBar, MLFlowHandler)
+    return [h for h in handlers if h is not None and (
+        rank == 0 or not (isinstance(h, reporters) or getattr(h, "rank_zero_only", False)))]

@@ -16,7 +16,7 @@ from typing import Any
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
-from ..engines.continual import TaskEvents
+from ..engines.events import TaskEvents
 from ..metrics.continual import continual_metrics
 
 __all__ = ["VisitMatrix"]

@@ -1,5 +1,5 @@
 """The paper's metrics with bootstrap confidence intervals; figures in ``muscle_ext.metrics.plots`` (matplotlib,
-imported on use)."""
+imported on use); the validation mAP of detection runs as an Ignite metric (``DetectionCOCOMetric``)."""
 
 from muscle_ext.metrics.bootstrap import (
     BootstrapCI,
@@ -24,6 +24,7 @@ from muscle_ext.metrics.classification import (
     to_positive_prob,
 )
 from muscle_ext.metrics.detection import COCO_IOU_RANGE, detection_report
+from muscle_ext.metrics.detection_metric import DetectionCOCOMetric
 from muscle_ext.metrics.segmentation import per_image_means, pooled_scores, segmentation_report, segmentation_scores
 
 from .comparison import paired_difference
@@ -39,6 +40,7 @@ from .report import json_safe, read_case_scores, write_case_scores, write_report
 __all__ = [
     "COCO_IOU_RANGE",
     "BootstrapCI",
+    "DetectionCOCOMetric",
     "accuracy",
     "average_ranks",
     "binary_classification_report",

@@ -5,6 +5,9 @@ for each resample, stratified: for each class of ``y_true`` in sorted order, ``r
 indices within that class (concatenated in class order); unstratified: ``rng.integers(0, n, n)``.
 Resamples where the metric is undefined (it returns NaN or raises ``ValueError``/``ZeroDivisionError``) are
 skipped. All reports with the same ``seed`` and data draw the same resamples, so their intervals are paired.
+
+``scipy.stats.bootstrap`` has no stratified resampling, hence this module; its unstratified percentile interval is
+checked against scipy's (``method="percentile"``) in ``tests/test_reference_implementations.py``.
 """
 
 from __future__ import annotations

@@ -12,11 +12,11 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 from monai.apps.detection.metrics.coco import COCOMetric
 from monai.apps.detection.metrics.matching import matching_batch
 from monai.data.box_utils import box_iou
 
+from muscle_ext.metrics._arrays import to_numpy
 from muscle_ext.metrics.bootstrap import BootstrapCI, bootstrap_indices, ci_dict
 
 __all__ = ["COCO_IOU_RANGE", "detection_report"]
@@ -25,14 +25,8 @@ COCO_IOU_RANGE = (0.5, 0.95, 0.05)
 BOOTSTRAPPED = ("map", "ap50", "ap75")
 
 
-def _numpy(x, dtype=None) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=dtype)
-
-
 def _boxes(x) -> np.ndarray:
-    return _numpy(x, np.float64).reshape(-1, 4)
+    return to_numpy(x, np.float64).reshape(-1, 4)
 
 
 def _quiet_coco(record: logging.LogRecord) -> bool:
@@ -67,12 +61,12 @@ def detection_report(predictions: Sequence[dict], targets: Sequence[dict], class
         raise ValueError(f"{len(predictions)} predictions for {len(targets)} targets")
     metric = COCOMetric(classes=list(classes), iou_list=(0.5, 0.75), iou_range=COCO_IOU_RANGE,
                         max_detection=(max_detections,), per_class=True, verbose=False)
-    pred_scores = [_numpy(p[score_key] if score_key in p else p["scores"], np.float64).ravel() for p in predictions]
-    gt_classes = [_numpy(t[label_key], np.int64).ravel() for t in targets]
+    pred_scores = [to_numpy(p[score_key] if score_key in p else p["scores"], np.float64).ravel() for p in predictions]
+    gt_classes = [to_numpy(t[label_key], np.int64).ravel() for t in targets]
     matches = matching_batch(
         iou_fn=box_iou, iou_thresholds=metric.iou_thresholds,
         pred_boxes=[_boxes(p[box_key]) for p in predictions],
-        pred_classes=[_numpy(p[label_key], np.int64).ravel() for p in predictions],
+        pred_classes=[to_numpy(p[label_key], np.int64).ravel() for p in predictions],
         pred_scores=pred_scores,
         gt_boxes=[_boxes(t[box_key]) for t in targets], gt_classes=gt_classes,
         max_detections=max_detections,

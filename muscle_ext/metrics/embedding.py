@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 __all__ = ["collapse_score", "extract_embeddings", "knn_scores", "linear_probe_scores"]
@@ -51,25 +54,30 @@ def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, query_f
 
 def linear_probe_scores(train_features: torch.Tensor, train_labels: torch.Tensor, query_features: torch.Tensor,
                         num_classes: int, weight_decay: float = 1e-3, max_iter: int = 200) -> torch.Tensor:
-    """Softmax probabilities ``(M, C)`` of an L2-regularised logistic regression fitted with L-BFGS on
-    standardised features (the usual linear evaluation, without augmentation)."""
-    mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-6)
-    x = ((train_features - mean) / std).double()
-    y = train_labels.long()
-    with torch.random.fork_rng(devices=[]):  # a fixed probe init that leaves the caller's RNG alone
-        torch.manual_seed(0)
-        probe = nn.Linear(x.shape[1], num_classes).double()
-    optimizer = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+    """Class probabilities ``(M, C)`` of an L2-regularised logistic regression on standardised features (the usual
+    linear evaluation, without augmentation): scikit-learn's ``StandardScaler`` (training mean and population std) and
+    ``LogisticRegression`` (L-BFGS; multinomial for ``C > 2`` classes, one logit for two). Deterministic, and
+    it leaves the caller's RNGs alone.
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(probe(x), y) + weight_decay * probe.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    with torch.no_grad():
-        return probe(((query_features - mean) / std).double()).softmax(dim=1).float()
+    ``weight_decay`` keeps its meaning of the objective ``mean cross-entropy + weight_decay * ||W||^2`` of a softmax
+    layer with one weight row per class (the bias is not penalised): scikit-learn minimises
+    ``sum cross-entropy + ||W||^2 / (2 C_reg)``, so ``C_reg = 1 / (2 n weight_decay)``; with two classes its single
+    weight row is the difference of the two softmax rows, whose optimum ``w_1 = -w_0`` halves the penalty:
+    ``C_reg = 1 / (n weight_decay)``. Columns of classes absent from the training labels are 0.
+    """
+    x = train_features.detach().cpu().double().numpy()
+    y = train_labels.detach().cpu().long().numpy()
+    query = query_features.detach().cpu().double().numpy()
+    classes = np.unique(y)
+    probs = np.zeros((len(query), num_classes))
+    if len(classes) == 1:  # nothing to separate: LogisticRegression refuses one class
+        probs[:, classes[0]] = 1.0
+        return torch.from_numpy(probs).float()
+    c_reg = 1.0 / (len(y) * weight_decay * (1 if len(classes) == 2 else 2))
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=c_reg, max_iter=max_iter, tol=1e-6))
+    probe.fit(x, y)
+    probs[:, classes] = probe.predict_proba(query)
+    return torch.from_numpy(probs).float()
 
 
 def collapse_score(features: torch.Tensor) -> float:

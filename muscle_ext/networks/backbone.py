@@ -1,7 +1,8 @@
 """ResNet backbones (MONAI ``ResNet``, 2-D, one input channel) and the one backbone checkpoint format.
 
-A backbone maps ``(B, 1, H, W)`` to pooled features ``(B, feature_dim)``; ``backbone_feature_maps`` gives the
-per-stage maps that segmentation and detection heads need.
+A backbone maps ``(B, 1, H, W)`` to pooled features ``(B, feature_dim)``. Its stages (channels, strides, dilation,
+per-stage feature maps) are :mod:`muscle_ext.networks.resnet_utils`'s; ``backbone_feature_dim`` and
+``backbone_feature_maps`` are re-exported here for the callers that import them from this module.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from monai.networks.nets import ResNet
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
+
+from .resnet_utils import backbone_feature_dim, backbone_feature_maps
 
 __all__ = [
     "BACKBONE_FORMAT",
@@ -54,25 +57,6 @@ def build_backbone(arch: str = "resnet18", in_channels: int = 1, imagenet_stem: 
                  n_input_channels=in_channels, num_classes=1, **options)
     net.fc = nn.Identity()
     return net
-
-
-def backbone_feature_dim(backbone: ResNet) -> int:
-    """Width of the pooled feature vector (512 for resnet18/34, 2048 for resnet50/101)."""
-    last = backbone.layer4[-1]
-    conv = last.conv3 if hasattr(last, "conv3") else last.conv2
-    return int(conv.out_channels)
-
-
-def backbone_feature_maps(backbone: ResNet, x: torch.Tensor) -> list[torch.Tensor]:
-    """Feature maps after ``layer1..layer4`` (strides 4, 8, 16, 32 with the ImageNet stem)."""
-    x = backbone.act(backbone.bn1(backbone.conv1(x)))
-    if not backbone.no_max_pool:
-        x = backbone.maxpool(x)
-    maps = []
-    for layer in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
-        x = layer(x)
-        maps.append(x)
-    return maps
 
 
 def file_sha256(path: str | os.PathLike) -> str:

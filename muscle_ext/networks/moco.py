@@ -17,12 +17,13 @@ import copy
 import math
 from collections import OrderedDict
 
+import ignite.distributed as idist
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import backbone_feature_dim
+from .resnet_utils import backbone_feature_dim
 
 __all__ = ["MoCo", "SplitBatchNorm2d", "concat_all_gather", "convert_to_split_batchnorm", "random_permutation",
            "revert_split_batchnorm"]
@@ -124,13 +125,15 @@ def _distributed_world() -> int:
 
 @torch.no_grad()
 def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
-    """``all_gather`` of equally-shaped tensors from every process, concatenated along dim 0 (no gradient)."""
-    world = _distributed_world()
-    if world == 1:
+    """``all_gather`` of equally-shaped tensors from every process, concatenated along dim 0 (no gradient).
+
+    ``tensor`` itself in one process. Ignite's ``all_gather`` does the collective; the world size is read from
+    ``torch.distributed`` first, because ignite keeps the context it found at its first call, after a process group
+    is destroyed as well.
+    """
+    if _distributed_world() == 1:
         return tensor
-    gathered = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(gathered, tensor.contiguous())
-    return torch.cat(gathered, dim=0)
+    return idist.all_gather(tensor.contiguous())
 
 
 def random_permutation(n: int, device: torch.device | str | None = None) -> torch.Tensor:

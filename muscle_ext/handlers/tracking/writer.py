@@ -8,14 +8,15 @@ Requests the store rejects (an invalid or changed param) are dropped and counted
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-__all__ = ["ResilientMlflowWriter", "set_short_http_retries"]
+__all__ = ["ResilientMlflowWriter", "http_limits"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,16 +24,25 @@ _BATCH_PARAMS_TAGS = 100  # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
 _BATCH_METRICS = 1000  # MAX_METRICS_PER_BATCH (and MAX_ENTITIES_PER_BATCH)
 
 
-def set_short_http_retries(timeout_s: int = 5, max_retries: int = 0, backoff_factor: int = 1) -> None:
-    """Make a dead tracking server cost seconds, not minutes.
+@contextlib.contextmanager
+def http_limits(timeout_s: int = 5, max_retries: int = 0, backoff_factor: int = 1) -> Iterator[None]:
+    """Make a dead tracking server cost seconds, not minutes, for the requests made inside this block.
 
-    MLflow's defaults (7 retries with backoff factor 2, 120 s timeout) stall a request for minutes. The values
-    are read per request from these environment variables; ones the user already set are left alone. No
-    HTTP-level retry by default: :class:`ResilientMlflowWriter` buffers and retries itself.
+    MLflow's defaults (7 retries with backoff factor 2, 120 s timeout) stall a request for minutes. MLflow reads
+    the limits per request from ``MLFLOW_HTTP_REQUEST_TIMEOUT`` / ``_MAX_RETRIES`` / ``_BACKOFF_FACTOR``: they are
+    set for the block only and removed after it, and a value the user set is left alone. No HTTP-level retry by
+    default: :class:`ResilientMlflowWriter` buffers and retries on its own schedule.
     """
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout_s)))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(int(max_retries)))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", str(int(backoff_factor)))
+    limits = {"MLFLOW_HTTP_REQUEST_TIMEOUT": timeout_s, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": max_retries,
+              "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": backoff_factor}
+    added = [name for name in limits if name not in os.environ]
+    for name in added:
+        os.environ[name] = str(int(limits[name]))
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def _is_rejection(exc: BaseException) -> bool:
@@ -61,6 +71,7 @@ class ResilientMlflowWriter:
         metrics_flush_interval: metric values are sent at most this often (seconds), in batches: one request
             per iteration costs tens of ms on a SQLite store. Params, tags and artifacts are sent at once.
         name: shown in log messages.
+        http_timeout_s, http_max_retries: per-request limits for a remote server (:func:`http_limits`).
     """
 
     def __init__(
@@ -72,6 +83,8 @@ class ResilientMlflowWriter:
         max_buffered_metrics: int = 100_000,
         metrics_flush_interval: float = 2.0,
         name: str = "MLflow",
+        http_timeout_s: int = 5,
+        http_max_retries: int = 0,
     ) -> None:
         self.client_factory = client_factory
         self.open_run = open_run
@@ -80,6 +93,7 @@ class ResilientMlflowWriter:
         self.max_buffered_metrics = max_buffered_metrics
         self.metrics_flush_interval = metrics_flush_interval
         self.name = name
+        self.http_limits = {"timeout_s": http_timeout_s, "max_retries": http_max_retries}
         self.client: Any = None
         self.run_id: str | None = None
         self.closed = False
@@ -135,11 +149,12 @@ class ResilientMlflowWriter:
             return False
         self._next_metrics_flush = time.monotonic() + self.metrics_flush_interval
         try:
-            if self.client is None:
-                self.client = self.client_factory()
-            if self.run_id is None:
-                self.run_id = self.open_run(self.client)
-            self._send_batches()
+            with http_limits(**self.http_limits):
+                if self.client is None:
+                    self.client = self.client_factory()
+                if self.run_id is None:
+                    self.run_id = self.open_run(self.client)
+                self._send_batches()
         except Exception as exc:  # any failure of the store must not reach the training loop
             if _is_rejection(exc) and self.run_id is None:
                 self._warn_once(f"{self.name}: the tracking store refused to create the run "
@@ -263,12 +278,13 @@ class ResilientMlflowWriter:
         missing = self.summary()
         if self.available and self.run_id is not None and not self.disabled:
             try:
-                if any(missing.values()):  # tell the run itself that it is incomplete
-                    from mlflow.entities import RunTag
+                with http_limits(**self.http_limits):
+                    if any(missing.values()):  # tell the run itself that it is incomplete
+                        from mlflow.entities import RunTag
 
-                    tags = [RunTag(f"muscle.tracking.not_logged_{k}", str(v)) for k, v in missing.items()]
-                    self.client.log_batch(self.run_id, tags=tags)
-                self.client.set_terminated(self.run_id, status)
+                        tags = [RunTag(f"muscle.tracking.not_logged_{k}", str(v)) for k, v in missing.items()]
+                        self.client.log_batch(self.run_id, tags=tags)
+                    self.client.set_terminated(self.run_id, status)
             except Exception as exc:
                 self._mark_unavailable(exc)
         if any(missing.values()):
