@@ -53,6 +53,7 @@ def _reproduce(args: argparse.Namespace) -> int:
     out = Path(args.out).absolute()
     stages = build_stages(preset, args.data, out, imagenet_weights=args.imagenet_weights, seed=args.seed,
                           experiment_name=JOB_EXPERIMENT)
+    StageRunner.check(stages)  # a setting no bundle has stops here, before anything runs
     repository = Path(__file__).resolve().parents[1]
     # the report's commands name no folder of this machine: <data>, <out>, and bundle paths from the repository root
     placeholders = {str(Path(args.data).resolve()): "<data>", str(out): "<out>", f"{repository}/": ""}
@@ -115,14 +116,24 @@ def _status(args: argparse.Namespace) -> int:
         print(f"muscle status: {out} holds no pipeline.json; give the --out folder of `muscle reproduce`",
               file=sys.stderr)
         return 2
+    from .pipeline.runner import code_fingerprint
+
+    code = code_fingerprint()
     print(f"{pipeline['preset']} preset on {pipeline['data_name']} (seed {pipeline['seed']})")
+    stale = 0
     for stage in pipeline["stages"]:
         try:
             state = json.loads((Path(stage["output_dir"]) / "stage.json").read_text())
         except (OSError, ValueError):
             state = {}
         wall = f"{state['wall_s']:.0f} s" if "wall_s" in state else ""
-        print(f"  {stage['name']:<28} {state.get('status', 'not started'):<12} {wall}")
+        changed = state.get("code") not in (None, code)
+        stale += changed
+        note = "  (muscle_ext changed since: reruns)" if changed else ""
+        print(f"  {stage['name']:<28} {state.get('status', 'not started'):<12} {wall}{note}")
+    if stale:
+        print(f"{stale} stage(s) ran with other muscle_ext code than this one: `muscle reproduce` with the same "
+              "arguments reruns them (their results stay in the report until then)")
     return 0
 
 

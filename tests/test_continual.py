@@ -11,7 +11,7 @@ from monai.transforms import RandGaussianNoised
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from muscle_ext.engines import MultiTaskTrainer, SupervisedTask, TaskEvents, TaskSchedule
+from muscle_ext.engines import MultiTaskTrainer, SupervisedTask, TaskEvents, TaskSchedule, task_loss
 from muscle_ext.handlers import CrossTaskMemorization
 
 
@@ -152,6 +152,8 @@ def test_l2sp_penalty_is_in_the_loss_before_backward():
     for name, p in backbone.named_parameters():  # d/dw of 0.5/2 * ||w - w0||^2 = 0.5 (w - w0)
         assert torch.allclose(p.grad, 0.5 * (p.detach() - start[name])), name
     assert engine.state.output["memorization"] == pytest.approx(0.5 * 0.5 * 8)  # 8 parameters moved by 1
+    engine.state.output["task"] = "pneumonia"  # what StatsHandler and the tracking handler log of the step
+    assert task_loss(engine.state.output) == {"pneumonia_loss": pytest.approx(2.0), "memorization": pytest.approx(2.0)}
 
 
 @pytest.mark.parametrize("method", ["l2sp", "ewc", "distillation"])

@@ -3,15 +3,13 @@ and both report the mAP of the whole set, as one process on all images does."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from ignite.engine import Engine
 
 from muscle_ext.metrics import DetectionCOCOMetric
+
+from tests.distributed_utils import run_on_ranks
 
 CLASSES = ["a", "b"]
 WORLD = 2
@@ -48,32 +46,19 @@ def _validate(outputs: list[dict]) -> dict[str, float]:
     return dict(engine.state.metrics)
 
 
-def _worker(rank: int, init_file: str, results: dict) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        half = N_IMAGES // WORLD
-        results[rank] = _validate(_outputs()[rank * half:(rank + 1) * half])
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    # as tests/test_moco_ddp.py: skip the interpreter's teardown, where gloo's threads intermittently abort the child
-    os._exit(0)
+def _validate_half(rank: int) -> dict[str, float]:
+    half = N_IMAGES // WORLD
+    return _validate(_outputs()[rank * half:(rank + 1) * half])
 
 
 @pytest.mark.timeout(120)
 def test_both_ranks_score_the_whole_validation_set(tmp_path):
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
     whole = _validate(_outputs())
     shards = [_validate(_outputs()[:N_IMAGES // 2]), _validate(_outputs()[N_IMAGES // 2:])]
     assert 0.0 < whole["val_map"] < 1.0
     assert all(s["val_map"] != pytest.approx(whole["val_map"]) for s in shards)  # a per-rank mAP would be wrong
 
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_worker, args=(str(tmp_path / "init"), results), nprocs=WORLD, join=True)
-        results = dict(results)
+    results = run_on_ranks(_validate_half, tmp_path, world=WORLD)
     assert set(whole) >= {"val_map", "val_map_ap50", "val_map_ap75", "val_map_ap_a", "val_map_ap_b"}
     for rank in range(WORLD):
         assert results[rank] == pytest.approx(whole, nan_ok=True), rank

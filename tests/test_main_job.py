@@ -152,6 +152,20 @@ def test_no_data_and_unknown_presets_say_what_to_do(tmp_path, capsys, xray_root)
         build_stages(preset, xray_root, tmp_path)
 
 
+def test_a_setting_no_bundle_has_stops_the_job_before_any_stage(tmp_path, capsys, xray_root):
+    preset = PRESETS / "quick.yaml"
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(preset.read_text().replace("memorization_weight: 0.0", "memorisation_weight: 0.0")
+                    .replace("max_items: 320", "max_item: 320"))
+    out = tmp_path / "job"
+    for extra in (["--dry-run"], []):  # the dry run checks too; a real run stops before writing anything
+        assert main(["reproduce", "--preset", str(typo), "--data", str(xray_root), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "unknown setting 'memorisation_weight' - did you mean 'memorization_weight'? (stage muscle_minus)" in err
+        assert err.count("'max_item'") == 1 and "(stages pneumonia_scratch, pneumonia_md_moco" in err
+        assert not out.exists()
+
+
 def _write_stage(root: Path, name: str, kind: str, **extra) -> dict:
     folder = root / name
     folder.mkdir(parents=True)
@@ -201,3 +215,21 @@ def test_report_tables_from_fixed_files(tmp_path):
     forgetting = report.index("## Continual stage: forgetting")
     assert report[forgetting + 4] == "| MUSCLE | 0.750 | -0.050 | 0.100 | 0.020 | missing |"
     assert "| pneumonia_scratch | done | 12.5 | 1.25 | [1](pneumonia_scratch/logs/1.log) |" in report
+
+
+def test_status_flags_stages_run_with_other_code(tmp_path, capsys):
+    from muscle_ext.pipeline.runner import code_fingerprint
+
+    stages = []
+    for name, code in (("md_moco", code_fingerprint()), ("muscle", "0" * 64), ("lung_scratch", None)):
+        folder = tmp_path / name
+        folder.mkdir()
+        state = {"status": "done", "wall_s": 3.0, **({"code": code} if code else {})}  # no code: written before
+        (folder / "stage.json").write_text(json.dumps(state))
+        stages.append({"name": name, "output_dir": str(folder)})
+    (tmp_path / "pipeline.json").write_text(json.dumps({"preset": "quick", "data_name": "xray", "seed": 0,
+                                                        "stages": stages}))
+    assert main(["status", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    flagged = [line.split()[0] for line in lines[1:4] if "muscle_ext changed since" in line]
+    assert flagged == ["muscle"] and "1 stage(s) ran with other muscle_ext code" in lines[-1]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from tests.distributed_utils import run_on_ranks
 
 WORLD, BATCH, QUEUE = 2, 4, 10
 
@@ -23,62 +22,51 @@ def _tiny_moco():
     return MoCo(tiny, feature_dim=8, dim=4, queue_size=QUEUE, bn_splits=1)
 
 
-def _worker(rank: int, init_file: str) -> None:
+def _worker(rank: int) -> None:
     from muscle_ext.engines import MoCoTrainer
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        moco = _tiny_moco()
-        # shuffle then unshuffle is the identity, and the shuffle really mixes samples across processes
-        x = (torch.arange(BATCH, dtype=torch.float32) + rank * BATCH)[:, None]
-        torch.manual_seed(100 + rank)  # rank 0's permutation must win whatever the local seeds
-        shuffled, unshuffle = moco._batch_shuffle_ddp(x)
-        assert torch.equal(moco._batch_unshuffle_ddp(shuffled, unshuffle), x)
-        everything = [torch.empty_like(shuffled) for _ in range(WORLD)]
-        dist.all_gather(everything, shuffled)
-        everything = torch.cat(everything).flatten()
-        assert sorted(everything.tolist()) == list(range(WORLD * BATCH))
-        assert not torch.equal(everything, torch.arange(WORLD * BATCH, dtype=torch.float32))
+    moco = _tiny_moco()
+    # shuffle then unshuffle is the identity, and the shuffle really mixes samples across processes
+    x = (torch.arange(BATCH, dtype=torch.float32) + rank * BATCH)[:, None]
+    torch.manual_seed(100 + rank)  # rank 0's permutation must win whatever the local seeds
+    shuffled, unshuffle = moco._batch_shuffle_ddp(x)
+    assert torch.equal(moco._batch_unshuffle_ddp(shuffled, unshuffle), x)
+    everything = [torch.empty_like(shuffled) for _ in range(WORLD)]
+    dist.all_gather(everything, shuffled)
+    everything = torch.cat(everything).flatten()
+    assert sorted(everything.tolist()) == list(range(WORLD * BATCH))
+    assert not torch.equal(everything, torch.arange(WORLD * BATCH, dtype=torch.float32))
 
-        # keys come back in the order of this process's queries (eval mode: BN does not depend on the batch)
-        moco.eval()
-        im_k = torch.rand(BATCH, 1, 8, 8, generator=torch.Generator().manual_seed(rank))
-        keys = moco._encode_keys(im_k)
-        with torch.no_grad():
-            torch.testing.assert_close(keys, nn.functional.normalize(moco.encoder_k(im_k), dim=1))
+    # keys come back in the order of this process's queries (eval mode: BN does not depend on the batch)
+    moco.eval()
+    im_k = torch.rand(BATCH, 1, 8, 8, generator=torch.Generator().manual_seed(rank))
+    keys = moco._encode_keys(im_k)
+    with torch.no_grad():
+        torch.testing.assert_close(keys, nn.functional.normalize(moco.encoder_k(im_k), dim=1))
 
-        # enqueue gathers every process's keys, in rank order; the queues stay identical
-        moco.dequeue_and_enqueue(torch.full((3, 4), float(rank)))
-        assert int(moco.queue_ptr) == WORLD * 3
-        assert moco.queue[0, :6].tolist() == [0.0] * 3 + [1.0] * 3
+    # enqueue gathers every process's keys, in rank order; the queues stay identical
+    moco.dequeue_and_enqueue(torch.full((3, 4), float(rank)))
+    assert int(moco.queue_ptr) == WORLD * 3
+    assert moco.queue[0, :6].tolist() == [0.0] * 3 + [1.0] * 3
 
-        # two DDP training iterations through the trainer
-        moco = _tiny_moco()
-        model = DistributedDataParallel(moco)
-        g = torch.Generator().manual_seed(rank)
-        data = [{"image_q": torch.rand(BATCH, 1, 8, 8, generator=g), "image_k": torch.rand(BATCH, 1, 8, 8, generator=g)}
-                for _ in range(2)]
-        trainer = MoCoTrainer("cpu", 1, data, model, torch.optim.SGD(model.parameters(), lr=0.1))
-        trainer.run()
-        assert trainer.moco is moco and int(moco.queue_ptr) == (2 * WORLD * BATCH) % QUEUE
-        queues = [torch.empty_like(moco.queue) for _ in range(WORLD)]
-        dist.all_gather(queues, moco.queue)
-        assert torch.equal(queues[0], queues[1])
-        for p in moco.encoder_k.parameters():
-            gathered = [torch.empty_like(p) for _ in range(WORLD)]
-            dist.all_gather(gathered, p.detach().contiguous())
-            assert torch.equal(gathered[0], gathered[1])  # the momentum update keeps the key encoders in sync
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    # Skip the interpreter's teardown: under pytest, gloo's threads intermittently abort the finished child there
-    # ("terminate called without an active exception"), after every check above has passed.
-    os._exit(0)
+    # two DDP training iterations through the trainer
+    moco = _tiny_moco()
+    model = DistributedDataParallel(moco)
+    g = torch.Generator().manual_seed(rank)
+    data = [{"image_q": torch.rand(BATCH, 1, 8, 8, generator=g), "image_k": torch.rand(BATCH, 1, 8, 8, generator=g)}
+            for _ in range(2)]
+    trainer = MoCoTrainer("cpu", 1, data, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer.run()
+    assert trainer.moco is moco and int(moco.queue_ptr) == (2 * WORLD * BATCH) % QUEUE
+    queues = [torch.empty_like(moco.queue) for _ in range(WORLD)]
+    dist.all_gather(queues, moco.queue)
+    assert torch.equal(queues[0], queues[1])
+    for p in moco.encoder_k.parameters():
+        gathered = [torch.empty_like(p) for _ in range(WORLD)]
+        dist.all_gather(gathered, p.detach().contiguous())
+        assert torch.equal(gathered[0], gathered[1])  # the momentum update keeps the key encoders in sync
 
 
 @pytest.mark.timeout(120)
 def test_moco_under_two_process_gloo(tmp_path):
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    mp.spawn(_worker, args=(str(tmp_path / "init"),), nprocs=WORLD, join=True)
+    run_on_ranks(_worker, tmp_path, world=WORLD)

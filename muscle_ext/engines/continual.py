@@ -113,8 +113,12 @@ class SupervisedTask:
 
 def task_loss(output: Mapping[str, Any]) -> dict[str, float]:
     """``{"<task>_loss": value}`` from a :class:`MultiTaskTrainer` output: one loss curve per task (the
-    ``output_transform`` of ``StatsHandler`` and the tracking handler)."""
-    return {f"{output[TASK]}_loss": float(output[Keys.LOSS])}
+    ``output_transform`` of ``StatsHandler`` and the tracking handler). The loss includes the memorization penalty
+    added before backward; that penalty is also given alone as ``memorization`` when a memorization handler ran."""
+    losses = {f"{output[TASK]}_loss": float(output[Keys.LOSS])}
+    if "memorization" in output:
+        losses["memorization"] = float(output["memorization"])
+    return losses
 
 
 def _visit_seed(seed: int, round_index: int, task_index: int) -> int:

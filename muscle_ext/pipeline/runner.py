@@ -108,6 +108,19 @@ class BundleCommand:
                                     "source checkout (pip install -e . in a clone of the repository)")
         return bundle_command(root, self.configs, self.overrides)
 
+    def setting_problems(self) -> list[str]:
+        """The overrides no config file of this run has (one line each, with did-you-mean), as the bundle's own
+        ``check_overrides`` would refuse them once the stage started: a preset's typo stops the job before any
+        stage runs instead of after the stages before it."""
+        from ..bundle_args import load_configs
+        from ..bundle_checks import check_override_ids
+
+        files = [str(REPO_BUNDLES / self.bundle / "configs" / c) for c in self.configs]
+        missing = [f for f in files if not Path(f).is_file()]
+        if missing:
+            return [f"config file not found: {', '.join(missing)}"]
+        return check_override_ids(self.overrides, load_configs({"config_file": files}))
+
 
 @dataclass
 class Stage:
@@ -200,6 +213,25 @@ class StageRunner:
         os.replace(tmp, path)
 
     # ------------------------------------------------------------------------------------------ running
+    @staticmethod
+    def check(stages: Sequence[Stage]) -> None:
+        """Refuse a job whose stages name settings their bundles do not have, before anything runs.
+
+        Raises:
+            SettingsError: every problem, one line each, named by stage and bundle.
+        """
+        from ..settings import SettingsError
+
+        where: dict[str, list[str]] = {}  # problem -> the stages that have it (one line per problem)
+        for stage in stages:
+            for command in stage.commands:
+                for problem in command.setting_problems():
+                    where.setdefault(f"{command.bundle}: {problem}", []).append(stage.name)
+        if where:
+            lines = [f"{problem} (stage{'s' if len(names) > 1 else ''} {', '.join(dict.fromkeys(names))})"
+                     for problem, names in where.items()]
+            raise SettingsError("the preset gives settings its bundles do not have:\n  " + "\n  ".join(lines))
+
     def plan(self, stages: Sequence[Stage]) -> list[tuple[Stage, str]]:
         """``[(stage, what will happen)]`` without running anything: ``reuse``, ``resume``, ``rerun`` or ``run``."""
         out = []
@@ -244,7 +276,8 @@ class StageRunner:
         logs = stage.output_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         state: dict[str, Any] = {"stage": stage.name, "description": stage.description,
-                                 "fingerprint": self.fingerprints[stage.name], "status": "running",
+                                 "fingerprint": self.fingerprints[stage.name], "code": code_fingerprint(),
+                                 "status": "running",
                                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                  "needs": list(stage.needs), "commands": [], **stage.extra}
         self._write_state(stage, state)
