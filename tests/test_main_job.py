@@ -212,6 +212,11 @@ def test_report_tables_from_fixed_files(tmp_path):
     verdict = report[start + 8]
     assert verdict.startswith("Does the paper's ranking hold here? MD-MoCo above Scratch: no (0.000 [0.000, 0.000]; "
                               "the interval includes 0: cannot tell)")
+    assert report[start + 10] == "![ROC curves of every start on the pneumonia test set](figures/pneumonia_roc.png)"
+    from matplotlib.image import imread
+
+    figure = imread(tmp_path / "figures" / "pneumonia_roc.png")
+    assert figure.shape[0] > 200 and figure[..., :3].std() > 0.05  # drawn, not blank
     forgetting = report.index("## Continual stage: forgetting")
     assert report[forgetting + 4] == "| MUSCLE | 0.750 | -0.050 | 0.100 | 0.020 | missing |"
     assert "| pneumonia_scratch | done | 12.5 | 1.25 | [1](pneumonia_scratch/logs/1.log) |" in report

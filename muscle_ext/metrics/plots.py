@@ -7,7 +7,7 @@ Every function returns the written path, ready for ``mlflow.log_artifact``.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,8 @@ from numpy.typing import ArrayLike
 
 from muscle_ext.metrics.classification import roc_auc, roc_curve, to_positive_prob
 
-__all__ = ["plot_confusion_matrix", "plot_regression_scatter", "plot_roc_curve", "plot_segmentation_overlay"]
+__all__ = ["plot_confusion_matrix", "plot_regression_scatter", "plot_roc_curve", "plot_roc_curves",
+           "plot_segmentation_overlay"]
 
 
 def _pyplot():
@@ -38,17 +39,26 @@ def _save(fig, path: str | os.PathLike) -> Path:
 def plot_roc_curve(y_true: ArrayLike, y_prob: ArrayLike, path: str | os.PathLike, title: str = "ROC curve",
                    auc_ci: Sequence[float] | None = None) -> Path:
     """ROC curve with its AUC (and ``auc_ci`` = (low, high) in the legend when given)."""
+    return plot_roc_curves({"": (y_true, y_prob, auc_ci)}, path, title)
+
+
+def plot_roc_curves(curves: Mapping[str, tuple[ArrayLike, ArrayLike, Sequence[float] | None]],
+                    path: str | os.PathLike, title: str = "ROC curves") -> Path:
+    """Several ROC curves in one figure (e.g. every starting point on one test set): ``{name: (y_true, y_prob,
+    auc_ci or None)}``; the legend gives each name with its AUC (sklearn's ``roc_curve`` / ``roc_auc_score``)."""
     plt = _pyplot()
-    y_prob = to_positive_prob(y_prob)
-    fpr, tpr, _ = roc_curve(y_true, y_prob)
-    label = f"AUC = {roc_auc(y_true, y_prob):.3f}"
-    if auc_ci is not None:
-        label += f" ({auc_ci[0]:.3f}-{auc_ci[1]:.3f})"
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot(fpr, tpr, lw=2, label=label)
+    for name, (y_true, y_prob, auc_ci) in curves.items():
+        y_prob = to_positive_prob(y_prob)
+        fpr, tpr, _ = roc_curve(y_true, y_prob)
+        label = f"{name}: " if name else ""
+        label += f"AUC = {roc_auc(y_true, y_prob):.3f}"
+        if auc_ci is not None:
+            label += f" ({auc_ci[0]:.3f}-{auc_ci[1]:.3f})"
+        ax.plot(fpr, tpr, lw=2, label=label)
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity", ylabel="sensitivity", title=title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8 if len(curves) > 1 else None)
     return _save(fig, path)
 
 

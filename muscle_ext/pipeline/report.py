@@ -7,6 +7,7 @@ stage's ``stage.json`` and outputs, and writes ``<root>/report.md``:
   reports' ``metrics.json``), and the paired difference of each start against Scratch and against MD-MoCo over the
   same test cases (:func:`muscle_ext.metrics.paired_difference`), with a line that says whether the ranking the paper
   reports (MD-MoCo above Scratch, MUSCLE at least MUSCLE--) holds here and whether the intervals can tell;
+- per classification task, the ROC curves of every start in one figure (``figures/<task>_roc.png``);
 - the continual stage's forgetting summary per variant (average score, BWT, FWT, forgetting; ``forgetting.json``);
 - every stage's wall time, peak memory and the exact commands it ran (each runnable on its own).
 
@@ -76,6 +77,25 @@ def _paired(stage: dict, reference: dict, headline: str, n_resamples: int) -> di
         return None
 
 
+def _roc_figure(root: Path, task: str, stages: dict[str, dict], metrics: dict[str, dict]) -> Path | None:
+    """``<root>/figures/<task>_roc.png``: every start's ROC curve on the task's test set (from its ``per_case.csv``),
+    or ``None`` when no start has per-case scores."""
+    from ..metrics.plots import plot_roc_curves
+    from ..metrics.report import read_case_scores
+
+    curves = {}
+    for start, stage in stages.items():
+        path = Path(stage["output_dir"]) / "per_case.csv"
+        if path.is_file():
+            scores = read_case_scores(path)
+            auc = metrics[start].get("roc_auc") or {}
+            ci = (auc["ci_low"], auc["ci_high"]) if auc.get("ci_low") is not None else None
+            curves[NAMES.get(start, start)] = (scores["label"], scores["score"], ci)
+    if not curves:
+        return None
+    return plot_roc_curves(curves, root / "figures" / f"{task}_roc.png", title=f"{task}: ROC curves (test set)")
+
+
 def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
     """Write ``<root>/report.md`` from a main job's folder; returns its path.
 
@@ -139,6 +159,12 @@ def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
             checks.append(_verdict("MUSCLE at least MUSCLE--", diff, lower, strict=False))
         if checks:
             lines += ["", "Does the paper's ranking hold here? " + "; ".join(checks) + "."]
+        if kind == "classification":
+            figure = _roc_figure(root, task, {start: by_start[start] for start in metrics if metrics[start]},
+                                 metrics)
+            if figure is not None:
+                lines += ["", f"![ROC curves of every start on the {task} test set]"
+                              f"({figure.relative_to(root).as_posix()})"]
 
     continual = [s for s in stages if s.get("kind") == "continual"]
     if continual:
