@@ -115,16 +115,17 @@ def test_key_metric_state_has_no_placeholders_before_a_validation():
 
 
 def test_run_summary_writes_null_not_minus_one():
-    from muscle_ext.handlers import TrackingHandler
+    from muscle_ext.handlers.tracking.handler import final_metrics
 
-    handler = SimpleNamespace(_run=SimpleNamespace(history={"train_loss": [(1, 0.5)]}))  # what the summary reads
+    history = {"train_loss": [(1, 0.5)]}
     trainer = SimpleNamespace(state=SimpleNamespace(epoch=3, iteration=9, metrics={}, best_metric=-1,
                                                     best_metric_epoch=-1))
-    summary = TrackingHandler._final_metrics(handler, trainer)
+    summary = final_metrics(trainer, history)
     assert summary["best_metric"] is None and summary["best_metric_epoch"] is None and "best_metric_note" in summary
     validator = SimpleNamespace(state=SimpleNamespace(epoch=3, iteration=2, metrics={"val_auc": 0.8},
                                                       best_metric=0.8, best_metric_epoch=2))
-    summary = TrackingHandler._final_metrics(handler, validator)
+    summary = final_metrics(validator, history)
+    assert summary["last_logged"] == {"train_loss": 0.5}
     assert (summary["best_metric"], summary["best_metric_epoch"]) == (0.8, 2) and "best_metric_note" not in summary
 
 

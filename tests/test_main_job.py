@@ -44,29 +44,46 @@ def _reproduce(capsys, *args) -> tuple[int, str]:
     return code, captured.out + captured.err
 
 
+# The whole synthetic preset (11 stages, 19 bundle runs: ~6 minutes here) runs with `-m slow`; the default suite runs
+# the same job on the two continual variants' starts and one task (5 stages, 7 bundle runs), which keeps every part
+# of the job: phantoms, pre-training, both continual variants, fine-tuning + evaluation, reuse, rerun, report, MLflow.
+SMALL = {"downstream.starts": ["muscle_minus", "muscle"],
+         "downstream.tasks": {"finding": {"config": "classification.yaml",
+                                          "datalist": "{data}/chest_findings/datalist.json",
+                                          "overrides": {"class_names": "['clear','opacity']"}}}}
+
+
 @pytest.mark.timeout(900)
-def test_synthetic_preset_end_to_end_reuses_reruns_and_reports(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("size", ["small", pytest.param("full", marks=pytest.mark.slow)])
+def test_synthetic_preset_end_to_end_reuses_reruns_and_reports(tmp_path, capsys, monkeypatch, size):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "job"
-    code, said = _reproduce(capsys, "--preset", "synthetic", "--out", out)  # no data needed
+    preset = "synthetic" if size == "full" else _preset(tmp_path, **SMALL)
+    starts = ["Scratch", "MD-MoCo", "MUSCLE--", "MUSCLE"] if size == "full" else ["MUSCLE--", "MUSCLE"]
+    tasks = 2 if size == "full" else 1
+    n_stages, n_tuned = 3 + len(starts) * tasks, len(starts) * tasks  # MD-MoCo, 2 continual, fine-tunings
+    code, said = _reproduce(capsys, "--preset", preset, "--out", out)  # no data needed: the job writes phantoms
     assert code == 0, said
-    assert "[1/11] md_moco: run" in said and "[11/11] lungs_muscle: run" in said and "about" in said  # time left
+    last = "lungs_muscle" if size == "full" else "finding_muscle"
+    assert f"[1/{n_stages}] md_moco: run" in said and f"[{n_stages}/{n_stages}] {last}: run" in said
+    assert "about" in said  # time left
     assert (out / "synthetic_data" / "pretrain_datalist.json").is_file()
     report = (out / "report.md").read_text()
     assert "**SYNTHETIC PHANTOMS: these numbers show that every stage runs" in report  # said loudly
     table = [line for line in report.splitlines() if line.startswith("| ")]
-    starts = [row.split(" | ")[0][2:] for row in table[1:5]]
-    assert starts == ["Scratch", "MD-MoCo", "MUSCLE--", "MUSCLE"], table
-    aucs = [float(row.split(" | ")[1].split()[0]) for row in table[1:5]]
+    assert [row.split(" | ")[0][2:] for row in table[1:1 + len(starts)]] == starts, table
+    aucs = [float(row.split(" | ")[1].split()[0]) for row in table[1:1 + len(starts)]]
     assert max(aucs) > 0.8, table  # the phantoms' finding is learnable: the stages learn
-    assert "Does the paper's ranking hold here? MD-MoCo above Scratch: " in report
-    assert "MUSCLE at least MUSCLE--: " in report and "## lungs (segmentation, test n = 24)" in report
-    assert report.count("python -m monai.bundle run") == 3 + 8 * 2  # every command, runnable on its own
-    assert "--datalist <data>/chest_findings/datalist.json --output_dir <out>/downstream/finding_scratch" in report
+    assert "Does the paper's ranking hold here? " in report and "MUSCLE at least MUSCLE--: " in report
+    if size == "full":
+        assert "MD-MoCo above Scratch: " in report and "## lungs (segmentation, test n = 24)" in report
+    assert report.count("python -m monai.bundle run") == 3 + n_tuned * 2  # every command, runnable on its own
+    start = "scratch" if size == "full" else "muscle_minus"
+    assert f"--datalist <data>/chest_findings/datalist.json --output_dir <out>/downstream/finding_{start}" in report
     assert str(tmp_path) not in report and str(REPO) not in report
     stage_files = sorted(out.rglob("stage.json"))
-    assert len(stage_files) == 11 and all(json.loads(p.read_text())["status"] == "done" for p in stage_files)
+    assert len(stage_files) == n_stages and all(json.loads(p.read_text())["status"] == "done" for p in stage_files)
 
     # one store, one experiment: the job's run with the report, every bundle run of every stage nested under it
     import mlflow
@@ -77,25 +94,26 @@ def test_synthetic_preset_end_to_end_reuses_reruns_and_reports(tmp_path, capsys,
     job_id = json.loads((out / "job_run.json").read_text())["run_id"]
     runs = client.search_runs([client.get_experiment_by_name("muscle_reproduce").experiment_id])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == job_id]
-    assert len(runs) == 20 and len(children) == 19  # MD-MoCo, 2 continual, 8 x (fine-tune, evaluate)
+    assert len(runs) == 1 + 3 + 2 * n_tuned and len(children) == 3 + 2 * n_tuned  # (fine-tune, evaluate) each
     job = client.get_run(job_id)
-    assert job.info.status == "FINISHED" and job.data.tags["stage.lungs_muscle"] == "done"
+    assert job.info.status == "FINISHED" and job.data.tags[f"stage.{last}"] == "done"
     assert [a.path for a in client.list_artifacts(job_id)] == ["report.md"]
 
     # the same command again: every stage reused, nothing runs
     began = time.monotonic()
-    code, said = _reproduce(capsys, "--preset", "synthetic", "--out", out)
-    assert code == 0 and said.count(": reuse (") == 11 and time.monotonic() - began < 60, said
+    code, said = _reproduce(capsys, "--preset", preset, "--out", out)
+    assert code == 0 and said.count(": reuse (") == n_stages and time.monotonic() - began < 60, said
     assert json.loads((out / "job_run.json").read_text())["run_id"] == job_id  # the same parent run, reopened
 
     # a changed setting of one continual variant reruns that stage and what starts from it; the old folders are kept
-    changed = _preset(tmp_path, **{"continual.variants.muscle_minus.steps_per_visit": 3})
+    changed = _preset(tmp_path, **{**({} if size == "full" else SMALL),
+                                   "continual.variants.muscle_minus.steps_per_visit": 3})
     code, said = _reproduce(capsys, "--preset", changed, "--data", out / "synthetic_data", "--out", out)
     assert code == 0, said
-    assert said.count(": reuse (") == 8 and said.count(": rerun (") == 3, said
-    assert {"muscle_minus: rerun", "finding_muscle_minus: rerun", "lungs_muscle_minus: rerun"} <= {
-        line.split("] ", 1)[1].split(" (")[0] for line in said.splitlines() if line.startswith("[")}
-    assert len(list((out / "superseded").iterdir())) == 3
+    reruns = {"muscle_minus: rerun", "finding_muscle_minus: rerun", *(["lungs_muscle_minus: rerun"] * (tasks > 1))}
+    assert said.count(": rerun (") == len(reruns) and said.count(": reuse (") == n_stages - len(reruns), said
+    assert reruns <= {line.split("] ", 1)[1].split(" (")[0] for line in said.splitlines() if line.startswith("[")}
+    assert len(list((out / "superseded").iterdir())) == len(reruns)
     assert "(3 steps)" in (out / "muscle_minus" / "logs" / "1_muscle_continual.log").read_text()
 
     # muscle status / muscle report: the report is rebuilt from the files alone, identically

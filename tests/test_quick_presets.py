@@ -21,6 +21,7 @@ def _configs(bundle: str) -> list[str]:
     return ["train.yaml", "quick.yaml"]
 
 
+@pytest.mark.slow  # ~4 minutes; the synthetic main-job test covers the chain in the default suite
 @pytest.mark.timeout(1200)
 def test_quick_presets_chain_into_one_store_with_lineage(tmp_path, xray_root):
     import mlflow

@@ -65,6 +65,7 @@ def test_model_zoo_checks_offline(bundle, tmp_path):
         assert entry.get("path") and str(entry.get("url", "")).startswith("https://"), entry
 
 
+@pytest.mark.slow  # a training run of the exported folder (~45 s); the zoo's offline checks stay in the default suite
 def test_exported_bundle_runs_with_its_vendored_muscle_ext(tmp_path, xray_root):
     """muscle_ext.zoo.export_bundle: the bundle plus muscle_ext in scripts/, run from its own folder as the zoo runs
     bundles: the configs bind the vendored copy (not the installed one), the zoo's check passes from the command

@@ -24,7 +24,7 @@ from monai.utils import ensure_tuple
 from .describe import default_run_name, describe_run, loss_from_output, scalar_metrics
 from .run import TrackingRun
 
-__all__ = ["TrackingHandler", "engine_workflow", "plot_history"]
+__all__ = ["TrackingHandler", "engine_workflow", "final_metrics", "plot_history"]
 
 logger = logging.getLogger(__name__)
 
