@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--name", default="same_numbers")
     args = parser.parse_args()
     data, work = args.data.resolve(), args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    os.chdir(work)  # not the repository: its muscle_ext would shadow the tree's (the current folder comes first)
     before = work / "before_tree"
     if before.exists():
         subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=REPO, check=False)
