@@ -50,7 +50,7 @@ from .settings import SettingsError, setting_problems
 
 __all__ = ["COMBINATIONS", "OPT_OUT", "RENAMED", "OverrideError", "Requires", "check_override_ids", "check_overrides",
            "check_run", "combination_problems", "command_line", "command_line_config", "install_error_hook",
-           "known_ids", "monai_run_arguments", "RelayedError", "short_block"]
+           "known_ids", "missing_paths", "monai_run_arguments", "RelayedError", "short_block"]
 
 logger = logging.getLogger(__name__)
 
@@ -267,8 +267,7 @@ def _raise(source: str, problems: Sequence[str]) -> None:
     if any(p.startswith("unknown setting") for p in problems):
         message += (f"\n(a bundle reads only the ids in its config files: check the spelling; to pass an id "
                     f"that no config file has, add --{OPT_OUT} true)")
-    logger.error(message)  # in the run's log too
-    raise OverrideError(message)
+    raise OverrideError(message)  # printed once, by the error hook (and in error.log with the traceback)
 
 
 def check_overrides(source: str, output_dir: str | os.PathLike | None = None,
@@ -328,4 +327,21 @@ def check_run(source: str, typed_settings: Mapping[str, Sequence[Any]] | None = 
     given = list(found[1]) if found is not None else []
     values = {name: entry[0] for name, entry in typed_settings.items()
               if isinstance(entry, (list, tuple)) and len(entry) == 2}
-    _raise(source, setting_problems(typed_settings, source) + combination_problems(values, given, workflow))
+    _raise(source, setting_problems(typed_settings, source) + combination_problems(values, given, workflow)
+           + missing_paths(typed_settings, given, skip=(WEIGHTS_FILES.get(workflow),)))
+
+
+def missing_paths(typed_settings: Mapping[str, Sequence[Any]], given: Sequence[str],
+                  skip: Sequence[str | None] = ()) -> list[str]:
+    """One line per ``path`` setting given on the command line that names nothing on disk (a default path may be
+    missing on purpose: e.g. no kNN monitor without its datalist; a path the user typed may not)."""
+    given = {g.lstrip("+") for g in given}
+    problems = []
+    for name, entry in typed_settings.items():
+        if name in skip or name not in given or not isinstance(entry, (list, tuple)) or len(entry) != 2:
+            continue
+        value, kind = entry
+        if str(kind).split()[0] == "path" and isinstance(value, (str, os.PathLike)) and value \
+                and not os.path.exists(value):
+            problems.append(f"--{name} '{value}' does not exist; give an existing file or folder")
+    return problems

@@ -50,6 +50,7 @@ def _refused(proc: subprocess.CompletedProcess, *expected: str) -> str:
     assert proc.returncode != 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for text in expected:
         assert text in proc.stderr, (text, proc.stderr[-3000:])
+        assert (proc.stdout + proc.stderr).count(text) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # said once
     assert "Failed to evaluate" not in proc.stderr and "Traceback" not in proc.stderr  # the short block only
     assert len(proc.stderr.strip().splitlines()) < 15, proc.stderr
     return proc.stderr
@@ -107,6 +108,23 @@ def test_init_weights_without_init_checkpoint_is_refused(tmp_path, xray_root):
                                                               init_weights=tmp_path / "missing.pt"))
     _refused(proc, "init checkpoint reads its weights from --init_weights, got", "missing.pt', which does not exist")
     assert not (tmp_path / "out").exists()
+    # a datalist the user typed must exist: stopped up front, naming the setting, before any folder is made
+    proc, _ = _run("downstream", CLASSIFICATION, _downstream(tmp_path, xray_root, datalist=tmp_path / "nope.json"))
+    _refused(proc, "--datalist '", "nope.json' does not exist; give an existing file or folder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_paths_only_for_what_was_given(tmp_path):
+    from muscle_ext.bundle_checks import missing_paths
+
+    there = tmp_path / "datalist.json"
+    there.write_text("{}")
+    typed = {"monitor_datalist": [str(tmp_path / "none.json"), "path"], "datalist": [str(there), "path"],
+             "pretrain_datalist": [str(tmp_path / "gone.json"), "path"], "seed": [1, "int"]}
+    # the default monitor datalist may be missing (the monitor is then off); the given pretrain datalist may not
+    assert missing_paths(typed, ["datalist", "pretrain_datalist", "seed"]) == [
+        f"--pretrain_datalist '{tmp_path / 'gone.json'}' does not exist; give an existing file or folder"]
+    assert missing_paths(typed, ["pretrain_datalist"], skip=("pretrain_datalist",)) == []
 
 
 def test_bad_data_prints_a_short_block_and_logs_the_traceback(tmp_path, xray_root):

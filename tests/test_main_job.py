@@ -164,6 +164,10 @@ def test_no_data_and_unknown_presets_say_what_to_do(tmp_path, capsys, xray_root)
     bad.write_text("- pretrain\n- downstream\n")
     assert main(["reproduce", "--preset", str(bad), "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "a preset is a mapping of" in capsys.readouterr().err
+    bad.write_text((PRESETS / "quick.yaml").read_text().replace("  overrides: {max_items: 320}",
+                                                                "  overides: {max_items: 320}"))
+    assert main(["reproduce", "--preset", str(bad), "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "unknown preset keys downstream#overides" in capsys.readouterr().err  # not dropped silently
     with pytest.raises(SettingsError, match="start 'imagenet' needs a local weights file"):
         preset = load_preset("quick")
         preset["downstream"]["starts"] = ["imagenet"]

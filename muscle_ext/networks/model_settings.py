@@ -177,8 +177,8 @@ class TrainedSettings(dict):
 
 
 def _missing(path: Path, what: str) -> FileNotFoundError:
-    return FileNotFoundError(f"{path}: no {what} there; train one first, or point --model_dir (muscle_pretrain: "
-                             f"--backbone_path) at the folder that holds it")
+    return FileNotFoundError(f"{path}: no {what} there; train one first, or point --model_dir at the folder that "
+                             f"holds it (muscle_pretrain and muscle_continual: --backbone_path at the file)")
 
 
 def read_model_settings(path: str | os.PathLike) -> TrainedSettings:

@@ -35,6 +35,9 @@ __all__ = ["PRESETS", "build_stages", "load_preset"]
 
 PRESETS = Path(__file__).with_name("presets")
 PRESET_KEYS = ("description", "warning", "synthetic", "pretrain", "continual", "downstream")
+SECTION_KEYS = {"pretrain": ("configs", "overrides"), "continual": ("configs", "overrides", "variants"),
+                "downstream": ("configs", "overrides", "starts", "tasks")}
+TASK_KEYS = ("config", "datalist", "overrides")
 
 
 def load_preset(name_or_path: str | os.PathLike) -> dict[str, Any]:
@@ -60,6 +63,15 @@ def load_preset(name_or_path: str | os.PathLike) -> dict[str, Any]:
     unknown = sorted(set(preset) - set(PRESET_KEYS))
     if unknown:
         raise SettingsError(f"{path.name}: unknown preset keys {', '.join(unknown)}; known: {', '.join(PRESET_KEYS)}")
+    # a misspelled key below a section would be dropped silently (its settings never reach a command): refuse it
+    unknown = [f"{section}#{key}" for section, known in SECTION_KEYS.items()
+               if isinstance(preset.get(section), Mapping) for key in preset[section] if key not in known]
+    unknown += [f"downstream#tasks#{task}#{key}" for task, spec in ((preset.get("downstream") or {}).get("tasks")
+                or {}).items() if isinstance(spec, Mapping) for key in spec if key not in TASK_KEYS]
+    if unknown:
+        allowed = "; ".join(f"{section}: {', '.join(keys)}" for section, keys in SECTION_KEYS.items())
+        raise SettingsError(f"{path.name}: unknown preset keys {', '.join(unknown)}; known: {allowed}; "
+                            f"each task: {', '.join(TASK_KEYS)}")
     required = {"pretrain": ("configs",), "downstream": ("starts", "tasks")}
     problems = [f"{section}#{key}" for section, keys in required.items() for key in (section, *keys)[1:]
                 if not isinstance(preset.get(section), Mapping) or key not in preset[section]]
