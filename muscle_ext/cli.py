@@ -113,8 +113,8 @@ def _status(args: argparse.Namespace) -> int:
     try:
         pipeline = json.loads((out / "pipeline.json").read_text())
     except (OSError, ValueError):
-        print(f"muscle status: {out} holds no pipeline.json; give the --out folder of `muscle reproduce`",
-              file=sys.stderr)
+        what = "holds no pipeline.json" if out.is_dir() else "does not exist"
+        print(f"muscle status: {out} {what}; give the --out folder of `muscle reproduce`", file=sys.stderr)
         return 2
     from .pipeline.runner import code_fingerprint
 
