@@ -62,10 +62,12 @@ def test_synthetic_preset_end_to_end_reuses_reruns_and_reports(tmp_path, capsys,
     preset = "synthetic" if size == "full" else _preset(tmp_path, **SMALL)
     starts = ["Scratch", "MD-MoCo", "MUSCLE--", "MUSCLE"] if size == "full" else ["MUSCLE--", "MUSCLE"]
     tasks = 2 if size == "full" else 1
-    n_stages, n_tuned = 3 + len(starts) * tasks, len(starts) * tasks  # MD-MoCo, 2 continual, fine-tunings
+    n_tuned = len(starts) * tasks
+    n_embed = len([s for s in starts if s != "Scratch"])  # a t-SNE map of each pre-trained backbone
+    n_stages = 3 + n_tuned + n_embed  # MD-MoCo, 2 continual, fine-tunings, embeddings
     code, said = _reproduce(capsys, "--preset", preset, "--out", out)  # no data needed: the job writes phantoms
     assert code == 0, said
-    last = "lungs_muscle" if size == "full" else "finding_muscle"
+    last = "embed_muscle"
     assert f"[1/{n_stages}] md_moco: run" in said and f"[{n_stages}/{n_stages}] {last}: run" in said
     assert "about" in said  # time left
     assert (out / "synthetic_data" / "pretrain_datalist.json").is_file()
@@ -78,7 +80,9 @@ def test_synthetic_preset_end_to_end_reuses_reruns_and_reports(tmp_path, capsys,
     assert "Does the paper's ranking hold here? " in report and "MUSCLE at least MUSCLE--: " in report
     if size == "full":
         assert "MD-MoCo above Scratch: " in report and "## lungs (segmentation, test n = 24)" in report
-    assert report.count("python -m monai.bundle run") == 3 + n_tuned * 2  # every command, runnable on its own
+    assert report.count("python -m monai.bundle run") == 3 + n_tuned * 2 + n_embed  # each runnable on its own
+    assert "![t-SNE maps of the backbone embeddings](figures/embeddings_tsne.png)" in report
+    assert (out / "figures" / "embeddings_tsne.png").is_file() and "coloured by `body_part`" in report
     start = "scratch" if size == "full" else "muscle_minus"
     assert f"--datalist <data>/chest_findings/datalist.json --output_dir <out>/downstream/finding_{start}" in report
     assert str(tmp_path) not in report and str(REPO) not in report
@@ -94,7 +98,7 @@ def test_synthetic_preset_end_to_end_reuses_reruns_and_reports(tmp_path, capsys,
     job_id = json.loads((out / "job_run.json").read_text())["run_id"]
     runs = client.search_runs([client.get_experiment_by_name("muscle_reproduce").experiment_id])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == job_id]
-    assert len(runs) == 1 + 3 + 2 * n_tuned and len(children) == 3 + 2 * n_tuned  # (fine-tune, evaluate) each
+    assert len(runs) == 1 + 3 + 2 * n_tuned + n_embed and len(children) == len(runs) - 1
     job = client.get_run(job_id)
     assert job.info.status == "FINISHED" and job.data.tags[f"stage.{last}"] == "done"
     assert [a.path for a in client.list_artifacts(job_id)] == ["report.md"]
@@ -110,7 +114,8 @@ def test_synthetic_preset_end_to_end_reuses_reruns_and_reports(tmp_path, capsys,
                                    "continual.variants.muscle_minus.steps_per_visit": 3})
     code, said = _reproduce(capsys, "--preset", changed, "--data", out / "synthetic_data", "--out", out)
     assert code == 0, said
-    reruns = {"muscle_minus: rerun", "finding_muscle_minus: rerun", *(["lungs_muscle_minus: rerun"] * (tasks > 1))}
+    reruns = {"muscle_minus: rerun", "finding_muscle_minus: rerun", "embed_muscle_minus: rerun",
+              *(["lungs_muscle_minus: rerun"] * (tasks > 1))}
     assert said.count(": rerun (") == len(reruns) and said.count(": reuse (") == n_stages - len(reruns), said
     assert reruns <= {line.split("] ", 1)[1].split(" (")[0] for line in said.splitlines() if line.startswith("[")}
     assert len(list((out / "superseded").iterdir())) == len(reruns)
@@ -128,6 +133,7 @@ def test_synthetic_preset_end_to_end_reuses_reruns_and_reports(tmp_path, capsys,
 def test_a_killed_job_resumes_its_stage(tmp_path):
     out = tmp_path / "job"  # MD-MoCo, then one fine-tuning from it: the kill lands in the first stage
     preset = _preset(tmp_path, **{"pretrain.overrides.num_epochs": 4, "pretrain.overrides.ckpt_interval": 2,
+                                  "embedding_map": None,
                                   "continual.variants": {}, "downstream.starts": ["md_moco"],
                                   "downstream.tasks": {"finding": {"config": "classification.yaml",
                                                                    "datalist": "{data}/chest_findings/datalist.json"}}})
@@ -216,6 +222,18 @@ def test_report_tables_from_fixed_files(tmp_path):
     (Path(continual["output_dir"]) / "forgetting.json").write_text(json.dumps(
         {"summary": {"average": 0.75, "bwt": -0.05, "fwt": 0.1, "mean_forgetting": 0.02}}))
     stages.insert(0, continual)
+    import numpy as np
+
+    datalist = tmp_path / "pool.json"  # 12 images of two body parts whose embeddings form two clusters
+    parts = ["chest"] * 6 + ["knee"] * 6
+    items = [{"image": f"{i}.png", "body_part": part} for i, part in enumerate(parts)]
+    datalist.write_text(json.dumps({"validation": items}))
+    embedded = _write_stage(tmp_path, "embed_muscle", "embedding", start="muscle", datalist=str(datalist),
+                            section="validation", color_by="body_part")
+    rng = np.random.default_rng(0)
+    features = np.concatenate([rng.normal(0, 1, (6, 16)), rng.normal(8, 1, (6, 16))]).astype(np.float32)
+    np.savez(Path(embedded["output_dir"]) / "embeddings.npz", embeddings=features, index=np.arange(12))
+    stages.append(embedded)
     (tmp_path / "pipeline.json").write_text(json.dumps({"preset": "fixed", "description": "fixed files",
                                                         "data_name": "xray", "seed": 0, "stages": stages}))
     report = build_report(tmp_path, n_resamples=200).read_text().splitlines()
@@ -242,6 +260,15 @@ def test_report_tables_from_fixed_files(tmp_path):
     forgetting = report.index("## Continual stage: forgetting")
     assert report[forgetting + 4] == "| MUSCLE | 0.750 | -0.050 | 0.100 | 0.020 | missing |"
     assert "| pneumonia_scratch | done | 12.5 | 1.25 | [1](pneumonia_scratch/logs/1.log) |" in report
+    maps = report.index("## Backbone embeddings")
+    assert "`validation` images of `pool.json`, mapped to 2-D by t-SNE and coloured by `body_part`" in report[maps + 2]
+    assert report[maps + 4] == "![t-SNE maps of the backbone embeddings](figures/embeddings_tsne.png)"
+    from muscle_ext.metrics import embedding_map_2d
+
+    points = embedding_map_2d(features)
+    centres = [points[:6].mean(0), points[6:].mean(0)]  # the two body parts stay apart on the map
+    assert np.linalg.norm(centres[0] - centres[1]) > 3 * max(points[:6].std(0).max(), points[6:].std(0).max())
+    assert imread(tmp_path / "figures" / "embeddings_tsne.png")[..., :3].std() > 0.05
 
 
 def test_status_flags_stages_run_with_other_code(tmp_path, capsys):

@@ -30,6 +30,7 @@ from muscle_ext.metrics.segmentation import per_image_means, pooled_scores, segm
 from .comparison import paired_difference
 from .embedding import (
     collapse_score,
+    embedding_map_2d,
     extract_embeddings,
     frozen_backbone_report,
     knn_scores,
@@ -67,6 +68,7 @@ __all__ = [
     "collapse_score",
     "extract_embeddings",
     "frozen_backbone_report",
+    "embedding_map_2d",
     "knn_scores",
     "linear_probe_scores",
     "json_safe",

@@ -14,7 +14,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-__all__ = ["collapse_score", "extract_embeddings", "knn_scores", "linear_probe_scores"]
+__all__ = ["collapse_score", "embedding_map_2d", "extract_embeddings", "knn_scores", "linear_probe_scores"]
 
 
 @torch.no_grad()
@@ -121,3 +121,21 @@ def frozen_backbone_report(backbone: nn.Module, reference_loader: Iterable, quer
     elif scores_path is not None:
         write_case_scores(scores_path, {"label": y, **{name: p[:, 1].numpy() for name, p in scores.items()}})
     return report
+
+
+def embedding_map_2d(features: np.ndarray | torch.Tensor, seed: int = 0) -> np.ndarray:
+    """A 2-D map ``(N, 2)`` of embeddings ``(N, D)`` for a figure: scikit-learn's t-SNE (van der Maaten & Hinton
+    2008) on the standardised features, PCA initialisation, perplexity ``min(30, (N - 1) / 3)``, fixed ``seed``.
+
+    Raises:
+        ValueError: fewer than 4 embeddings (t-SNE needs a neighbourhood).
+    """
+    from sklearn.manifold import TSNE
+
+    x = np.asarray(features, dtype=np.float64)
+    if x.ndim != 2 or len(x) < 4:
+        raise ValueError(f"embedding_map_2d needs (N >= 4, D) features, got shape {x.shape}")
+    x = StandardScaler().fit_transform(x)
+    perplexity = float(min(30.0, (len(x) - 1) / 3))
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+

@@ -15,8 +15,8 @@ from numpy.typing import ArrayLike
 
 from muscle_ext.metrics.classification import roc_auc, roc_curve, to_positive_prob
 
-__all__ = ["plot_confusion_matrix", "plot_regression_scatter", "plot_roc_curve", "plot_roc_curves",
-           "plot_segmentation_overlay"]
+__all__ = ["plot_confusion_matrix", "plot_embedding_maps", "plot_regression_scatter", "plot_roc_curve",
+           "plot_roc_curves", "plot_segmentation_overlay"]
 
 
 def _pyplot():
@@ -118,3 +118,24 @@ def plot_regression_scatter(y_true: ArrayLike, y_pred: ArrayLike, path: str | os
     ax.plot([lo, hi], [lo, hi], ls="--", c="grey", lw=1)
     ax.set(xlabel=f"true{suffix}", ylabel=f"predicted{suffix}", title=title)
     return _save(fig, path)
+
+
+def plot_embedding_maps(maps: Mapping[str, tuple[ArrayLike, Sequence[str]]], path: str | os.PathLike,
+                        title: str = "Backbone embeddings (t-SNE)") -> Path:
+    """One panel per backbone: its 2-D map ``(N, 2)`` with each point coloured by its group (e.g. body part), the
+    same colour for the same group in every panel."""
+    plt = _pyplot()
+    groups = sorted({str(g) for _, labels in maps.values() for g in labels})
+    colours = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
+    fig, axes = plt.subplots(1, len(maps), figsize=(4 * len(maps), 4), squeeze=False)
+    for ax, (name, (points, labels)) in zip(axes[0], maps.items(), strict=True):
+        points, labels = np.asarray(points), np.asarray([str(g) for g in labels])
+        for group in groups:
+            chosen = labels == group
+            if chosen.any():
+                ax.scatter(points[chosen, 0], points[chosen, 1], s=8, color=colours[group], label=group)
+        ax.set(title=name, xticks=[], yticks=[])
+    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=2)
+    fig.suptitle(title)
+    return _save(fig, path)
+

@@ -13,7 +13,10 @@ A preset's keys (``presets/quick.yaml`` is the reference):
   backbone);
 - ``downstream``: ``configs`` merged after the task's config (e.g. ``quick.yaml``), ``overrides`` for fine-tuning,
   ``starts`` (``scratch``, ``imagenet``, ``md_moco`` or a continual variant), ``tasks`` (``{name: {config,
-  datalist, overrides}}``; ``config`` is a task config of ``bundles/downstream``).
+  datalist, overrides}}``; ``config`` is a task config of ``bundles/downstream``);
+- ``embedding_map`` (optional): ``datalist``, ``section`` and ``color_by`` (an item key, e.g. ``body_part``): each
+  pre-trained start's backbone embeds that section (``muscle_pretrain``'s ``inference.yaml``, one stage per start)
+  and the report draws a t-SNE map of each, coloured by ``color_by``.
 
 ``{data}`` in any value stands for the data folder; nothing else names a folder. ``imagenet`` is a start only when a
 local ImageNet weights file is given (nothing is downloaded).
@@ -34,9 +37,10 @@ from .runner import BundleCommand, Stage
 __all__ = ["PRESETS", "build_stages", "load_preset"]
 
 PRESETS = Path(__file__).with_name("presets")
-PRESET_KEYS = ("description", "warning", "synthetic", "pretrain", "continual", "downstream")
+PRESET_KEYS = ("description", "warning", "synthetic", "pretrain", "continual", "downstream", "embedding_map")
 SECTION_KEYS = {"pretrain": ("configs", "overrides"), "continual": ("configs", "overrides", "variants"),
-                "downstream": ("configs", "overrides", "starts", "tasks")}
+                "downstream": ("configs", "overrides", "starts", "tasks"),
+                "embedding_map": ("datalist", "section", "color_by")}
 TASK_KEYS = ("config", "datalist", "overrides")
 
 
@@ -179,4 +183,21 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
             stages.append(Stage(name, folder, [train, evaluate], needs=needs, inputs=inputs,
                                 outputs=("metrics.json",), description=f"{task} from {start}",
                                 extra={"kind": "downstream", "task": task, "start": start}))
+    mapping = preset.get("embedding_map")
+    if mapping:
+        datalist = Path(mapping["datalist"])
+        if not datalist.is_file():
+            raise FileNotFoundError(f"no datalist at {datalist} (embedding_map): point --data at a folder with it")
+        for start in (s for s in starts if s in backbones):  # the pre-trained starts: a backbone file each
+            folder = out / "embeddings" / start
+            overrides = {"backbone_path": backbones[start], "datalist": datalist,
+                         "section": mapping.get("section", "validation"), "output_dir": folder, **common}
+            overrides.pop("seed", None)  # inference has no randomness (and no seed setting)
+            stages.append(Stage(f"embed_{start}", folder, [BundleCommand("muscle_pretrain", ("inference.yaml",),
+                                                                         overrides)],
+                                needs=(start,), inputs=(datalist,), outputs=("embeddings.npz",),
+                                description=f"{start} backbone embeds the {overrides['section']} images",
+                                extra={"kind": "embedding", "start": start, "datalist": str(datalist),
+                                       "section": overrides["section"],
+                                       "color_by": mapping.get("color_by", "body_part")}))
     return stages

@@ -8,6 +8,8 @@ stage's ``stage.json`` and outputs, and writes ``<root>/report.md``:
   same test cases (:func:`muscle_ext.metrics.paired_difference`), with a line that says whether the ranking the paper
   reports (MD-MoCo above Scratch, MUSCLE at least MUSCLE--) holds here and whether the intervals can tell;
 - per classification task, the ROC curves of every start in one figure (``figures/<task>_roc.png``);
+- with an ``embedding_map`` in the preset, a t-SNE map of each pre-trained backbone's embeddings, coloured by an item
+  key such as the body part (``figures/embeddings_tsne.png``);
 - the continual stage's forgetting summary per variant (average score, BWT, FWT, forgetting; ``forgetting.json``);
 - every stage's wall time, peak memory and the exact commands it ran (each runnable on its own).
 
@@ -96,6 +98,26 @@ def _roc_figure(root: Path, task: str, stages: dict[str, dict], metrics: dict[st
     return plot_roc_curves(curves, root / "figures" / f"{task}_roc.png", title=f"{task}: ROC curves (test set)")
 
 
+def _embedding_figure(root: Path, stages: list[dict]) -> Path | None:
+    """``<root>/figures/embeddings_tsne.png``: one t-SNE panel per finished embedding stage, points coloured by the
+    ``color_by`` key of their datalist items; ``None`` when no stage finished."""
+    import numpy as np
+
+    from ..data import load_datalist
+    from ..metrics import embedding_map_2d
+    from ..metrics.plots import plot_embedding_maps
+
+    maps = {}
+    for stage in stages:
+        arrays = np.load(Path(stage["output_dir"]) / "embeddings.npz")
+        items = load_datalist(stage["datalist"], stage["section"])
+        groups = [str(items[int(i)].get(stage["color_by"], "unknown")) for i in arrays["index"]]
+        maps[NAMES.get(stage["start"], stage["start"])] = (embedding_map_2d(arrays["embeddings"]), groups)
+    if not maps:
+        return None
+    return plot_embedding_maps(maps, root / "figures" / "embeddings_tsne.png")
+
+
 def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
     """Write ``<root>/report.md`` from a main job's folder; returns its path.
 
@@ -181,6 +203,19 @@ def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
             lines.append(f"| {NAMES.get(stage['name'], stage['name'])} | "
                          + " | ".join(_fmt(summary.get(k)) for k in ("average", "bwt", "fwt", "mean_forgetting"))
                          + f" | {link} |")
+
+    embedding = [s for s in stages if s.get("kind") == "embedding"]
+    if embedding:
+        lines += ["", "## Backbone embeddings", ""]
+        figure = _embedding_figure(root, [s for s in embedding if s["name"] in done])
+        if figure is None:
+            lines.append("No finished embedding stage yet.")
+        else:
+            first = embedding[0]
+            lines += [f"Each pre-trained backbone's features of the `{first['section']}` images of "
+                      f"`{Path(first['datalist']).name}`, mapped to 2-D by t-SNE and coloured by `{first['color_by']}` "
+                      "(a map, not a metric: distances between clusters mean little).", "",
+                      f"![t-SNE maps of the backbone embeddings]({figure.relative_to(root).as_posix()})"]
 
     lines += ["", "## Stages", "", "| stage | status | wall (s) | peak RSS (GiB) | log |", "|---|---|---|---|---|"]
     for stage in stages:
