@@ -32,7 +32,7 @@ def build(args: argparse.Namespace, work: Path, amp: bool, channels_last: bool) 
     parser.update({"bundle_root": str(BUNDLE), "dataset_dir": str(args.data), "output_dir": str(work),
                    "model_dir": str(work / "models"), "image_size": args.size, "batch_size": args.batch,
                    "num_epochs": args.rounds, "warmup_epochs": 0, "cache": "memory", "num_workers": args.workers,
-                   "monitor_datalist": str(work / "none.json"), "amp": amp, "channels_last": channels_last,
+                   "knn_monitor": "false", "amp": amp, "channels_last": channels_last,
                    "train#sampler#num_samples": args.batch * args.iters,
                    **({"bn_splits": args.bn_splits} if args.bn_splits else {})})
     parser.parse()

@@ -217,6 +217,8 @@ COMBINATIONS: tuple[Requires, ...] = (
     Requires("weighting_temperature", ("dataset_weighting",), lambda v: v["dataset_weighting"] == "temperature",
              "--dataset_weighting temperature"),
     Requires("cache_dir", ("cache",), lambda v: v["cache"] == "disk", "--cache disk"),
+    Requires("monitor_datalist", ("knn_monitor",), lambda v: as_flag(v["knn_monitor"], "knn_monitor"),
+             "--knn_monitor true", workflows=("train",)),
     Requires("input_dir", ("input_datalist",), lambda v: not v["input_datalist"],
              "no --input_datalist (a datalist names its own files)", workflows=("inference",)),
     Requires("input_section", ("input_datalist",), lambda v: bool(v["input_datalist"]),

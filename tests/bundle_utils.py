@@ -100,7 +100,7 @@ def tiny_pretrain(tmp: Path, xray_root: Path, **extra) -> dict:
     return {"dataset_dir": xray_root, "output_dir": tmp / "out", "model_dir": tmp / "models", "image_size": 32,
             "batch_size": 8, "num_epochs": 2, "warmup_epochs": 1, "queue_size": 40, "bn_splits": 2,
             "train#sampler#num_samples": 64, "cache": "none", "num_workers": 0, "ckpt_interval": 3,
-            "monitor_datalist": tmp / "none.json", "amp": "false", "channels_last": "false", "use_tracking": "false",
+            "knn_monitor": "false", "amp": "false", "channels_last": "false", "use_tracking": "false",
             **extra}  # yes/no settings as users type them
 
 

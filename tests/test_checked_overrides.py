@@ -76,7 +76,7 @@ def test_use_tracking_is_the_one_name_and_the_old_ones_are_refused(tmp_path, xra
     # pre-training used `track`: the new name runs (one short epoch, no MLflow store), the old one is refused
     tiny = {"dataset_dir": xray_root, "output_dir": tmp_path / "out", "model_dir": tmp_path / "models",
             "image_size": 32, "batch_size": 8, "num_epochs": 1, "warmup_epochs": 0, "queue_size": 16, "bn_splits": 2,
-            "train#sampler#num_samples": 16, "cache": "none", "num_workers": 0, "monitor_datalist": tmp_path / "x.json",
+            "train#sampler#num_samples": 16, "cache": "none", "num_workers": 0, "knn_monitor": "false",
             "amp": "false", "channels_last": "false"}
     proc, _ = _run("muscle_pretrain", ["train.yaml"], {**tiny, "use_tracking": "false"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -84,6 +84,10 @@ def test_use_tracking_is_the_one_name_and_the_old_ones_are_refused(tmp_path, xra
 
     proc, _ = _run("muscle_pretrain", ["train.yaml"], {**tiny, "output_dir": tmp_path / "old", "track": "false"})
     _refused(proc, "'track' was renamed: use --use_tracking false")
+    # a monitor datalist the user typed must exist (a missing default only switches the monitor off)
+    proc, _ = _run("muscle_pretrain", ["train.yaml"], {**tiny, "output_dir": tmp_path / "typo", "knn_monitor": "true",
+                                                        "monitor_datalist": tmp_path / "monitr.json"})
+    _refused(proc, "monitr.json' does not exist; give an existing file or folder")
     # downstream had the id `tracking` (which `--tracking` on the command line can never reach: monai.bundle run
     # owns it); a config file that still sets it is refused by the new name
     old = tmp_path / "old_tracking.yaml"
@@ -125,6 +129,17 @@ def test_missing_paths_only_for_what_was_given(tmp_path):
     assert missing_paths(typed, ["datalist", "pretrain_datalist", "seed"]) == [
         f"--pretrain_datalist '{tmp_path / 'gone.json'}' does not exist; give an existing file or folder"]
     assert missing_paths(typed, ["pretrain_datalist"], skip=("pretrain_datalist",)) == []
+
+
+
+def test_the_knn_monitor_is_switched_off_by_name_not_by_a_missing_file():
+    from muscle_ext.bundle_checks import combination_problems
+
+    off = {"knn_monitor": "false", "monitor_datalist": "/data/monitor.json"}
+    assert combination_problems(off, ["knn_monitor", "monitor_datalist"]) == [
+        "--monitor_datalist is ignored with knn_monitor false: it is read only with --knn_monitor true; add that, or "
+        "leave --monitor_datalist out"]
+    assert combination_problems({**off, "knn_monitor": True}, ["monitor_datalist"]) == []
 
 
 def test_bad_data_prints_a_short_block_and_logs_the_traceback(tmp_path, xray_root):

@@ -20,8 +20,9 @@ TRAIN = ["train.yaml"]
 
 
 def test_pretrain_writes_a_backbone_from_pooled_real_xrays(tmp_path, xray_root):
-    overrides = tiny(tmp_path, xray_root, monitor_datalist=xray_root / "pneumonia_nih" / "datalist.json",
-                     monitor_size=48, knn_interval=2, amp=True, channels_last=True, use_tracking=True)
+    overrides = tiny(tmp_path, xray_root, knn_monitor=True,
+                     monitor_datalist=xray_root / "pneumonia_nih" / "datalist.json", monitor_size=48, knn_interval=2,
+                     amp=True, channels_last=True, use_tracking=True)
     proc = run_bundle("muscle_pretrain", TRAIN, overrides)
     payload = load_backbone_checkpoint(tmp_path / "models" / "backbone.pt")
     assert payload["arch"] == "resnet18" and payload["source"]["iteration"] == 16

@@ -100,7 +100,7 @@ def test_exported_bundle_runs_with_its_vendored_muscle_ext(tmp_path, xray_root):
     train = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/train.yaml"]
     for key, value in {"dataset_dir": xray_root, "output_dir": tmp_path / "run", "image_size": 32, "batch_size": 8,
                        "num_epochs": 1, "warmup_epochs": 0, "queue_size": 16, "train#sampler#num_samples": 16,
-                       "num_workers": 0, "monitor_datalist": tmp_path / "none.json", "amp": "false",
+                       "num_workers": 0, "knn_monitor": "false", "amp": "false",
                        "use_tracking": "false"}.items():
         train += [f"--{key}", str(value)]
     trained = subprocess.run(train, cwd=out, env=env, capture_output=True, text=True, timeout=300)
