@@ -219,6 +219,18 @@ COMBINATIONS: tuple[Requires, ...] = (
     Requires("cache_dir", ("cache",), lambda v: v["cache"] == "disk", "--cache disk"),
     Requires("monitor_datalist", ("knn_monitor",), lambda v: as_flag(v["knn_monitor"], "knn_monitor"),
              "--knn_monitor true", workflows=("train",)),
+    *(Requires(name, ("task_mixing",), lambda v: v["task_mixing"] == "cyclic",
+               "--task_mixing cyclic (a joint step trains every task at once: no task order, no visits to remember "
+               "across)", workflows=("train",))
+      for name in ("reshuffle", "memorization_weight", "ewc_weight", "ewc_fisher_batches", "distillation_weight")),
+    Requires("guardrail_margin", ("init_heads",), lambda v: bool(v["init_heads"]),
+             "--init_heads <the earlier run's checkpoint> (the guardrails are the tasks it trained)",
+             workflows=("train",)),
+    Requires("init_heads", ("init", "validate_every_visit"),
+             lambda v: v["init"] == "checkpoint" and _flag(v, "validate_every_visit") is not False,
+             "--init checkpoint (--init_weights: the backbone.pt of the same run) and --validate_every_visit true "
+             "(the guardrail table compares each task's score before training with its final one)",
+             workflows=("train",)),
     Requires("input_dir", ("input_datalist",), lambda v: not v["input_datalist"],
              "no --input_datalist (a datalist names its own files)", workflows=("inference",)),
     Requires("input_section", ("input_datalist",), lambda v: bool(v["input_datalist"]),

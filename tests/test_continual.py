@@ -11,8 +11,16 @@ from monai.transforms import RandGaussianNoised
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from muscle_ext.engines import MultiTaskTrainer, SupervisedTask, TaskEvents, TaskSchedule, task_loss
-from muscle_ext.handlers import CrossTaskMemorization
+from muscle_ext.engines import (
+    JointSchedule,
+    MultiTaskTrainer,
+    SupervisedTask,
+    TaskEvents,
+    TaskSchedule,
+    task_loss,
+    task_schedule,
+)
+from muscle_ext.handlers import CrossTaskMemorization, EWCMemorization
 
 
 def test_schedule_reshuffles_each_round_and_keeps_every_task_once():
@@ -55,8 +63,9 @@ def _tasks(seed: int = 0) -> tuple[nn.Module, nn.ModuleDict, dict[str, Supervise
 
 
 def _trainer(networks: nn.ModuleDict, tasks: dict, rounds: int, handlers: list | None = None,
-             steps: dict | None = None, optimizer: type = torch.optim.AdamW) -> MultiTaskTrainer:
-    schedule = TaskSchedule(["a", "b"], steps=steps or {"a": 2, "b": 3}, seed=3)
+             steps: dict | None = None, optimizer: type = torch.optim.AdamW,
+             mixing: str = "cyclic") -> MultiTaskTrainer:
+    schedule = task_schedule(mixing, ["a", "b"], steps=steps or {"a": 2, "b": 3}, seed=3)
     optimizer = optimizer(networks.parameters(), lr=0.1)  # AdamW: a zero gradient would still move a head
     return MultiTaskTrainer("cpu", rounds, tasks, schedule, networks, optimizer, train_handlers=handlers, seed=5)
 
@@ -106,6 +115,61 @@ def test_resumed_run_ends_with_the_same_weights():
     assert resumed.state.iteration == reference.state.iteration == 15
     for (name, a), b in zip(reference_nets.state_dict().items(), resumed_nets.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_joint_schedule_gives_each_task_its_batches_per_round_in_fewer_steps():
+    joint = JointSchedule(["a", "b"], steps={"a": 2, "b": 3})
+    assert joint.steps_per_round == 3 and joint.order(0) == ["joint"]
+    assert [joint.tasks_at(i) for i in range(6)] == [["a", "b"], ["a", "b"], ["b"]] * 2
+    assert [joint.task_at(i) for i in range(4)] == [("joint", True), ("joint", False), ("joint", False),
+                                                    ("joint", True)]
+    with pytest.raises(ValueError, match="no task order to reshuffle"):
+        JointSchedule(["a", "b"], steps=1, reshuffle=True)
+    with pytest.raises(ValueError, match="task_mixing must be one of cyclic, joint"):
+        task_schedule("mixed", ["a"], steps=1)
+
+
+def test_joint_step_trains_every_task_and_resumes_exactly():
+    _, networks, tasks = _tasks()
+    trainer = _trainer(networks, tasks, rounds=2, mixing="joint")
+    heads = {name: net[1] for name, net in networks.items()}
+    moved, logged = [], []
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def snapshot(engine):
+        engine.state.before = {name: head.weight.detach().clone() for name, head in heads.items()}
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def check(engine):
+        moved.append(sorted(n for n, h in heads.items() if not torch.equal(h.weight, engine.state.before[n])))
+        logged.append(task_loss(engine.state.output))
+
+    trainer.run()
+    assert moved == [["a", "b"], ["a", "b"], ["b"]] * 2  # a takes its 2 batches per round, b its 3
+    losses = logged[0]
+    assert set(losses) == {"joint_loss", "a_loss", "b_loss"}
+    assert losses["joint_loss"] == pytest.approx(losses["a_loss"] + losses["b_loss"], rel=1e-5)
+
+    _, first_nets, first_tasks = _tasks()
+    first = _trainer(first_nets, first_tasks, rounds=2, mixing="joint")
+    first.add_event_handler(Events.ITERATION_COMPLETED(once=4), lambda e: e.terminate())  # inside round 2
+    first.run()
+    state = {"net": first_nets.state_dict(), "opt": first.optimizer.state_dict(), "trainer": first.state_dict()}
+    _, resumed_nets, resumed_tasks = _tasks(seed=99)
+    resumed = _trainer(resumed_nets, resumed_tasks, rounds=2, mixing="joint")
+    resumed_nets.load_state_dict(state["net"])
+    resumed.optimizer.load_state_dict(state["opt"])
+    resumed.load_state_dict(state["trainer"])
+    resumed.run()
+    for (name, a), b in zip(networks.state_dict().items(), resumed_nets.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("method", [CrossTaskMemorization, EWCMemorization])
+def test_memorization_refuses_the_joint_schedule(method):
+    backbone, networks, tasks = _tasks()
+    with pytest.raises(ValueError, match="no task visits to remember across"):
+        _trainer(networks, tasks, rounds=1, handlers=[method(backbone, weight=0.1)], mixing="joint")
 
 
 def test_each_penalty_is_zero_at_its_anchor_and_grows_as_weights_move():

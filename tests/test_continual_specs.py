@@ -4,6 +4,7 @@ a subset of tasks, an unknown task name, and a hospital's own labelled task adde
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -60,7 +61,10 @@ def test_unknown_task_is_one_line_naming_the_known_ones(xray_root):
 @pytest.mark.parametrize("spec, expected", [
     ({"kind": "clasification", "datalist": "x.json"}, "did you mean 'classification'"),
     ({"datalist": "x.json"}, "has no kind"),
-    ({"kind": "detection", "datalist": "x.json"}, "not supported yet"),
+    ({"kind": "detection", "datalist": "x.json", "anchor_shapes": [[32]]}, "anchor_shapes must list [rows, cols]"),
+    ({"kind": "detection", "datalist": "x.json", "returned_layers": [0, 5]}, "returned_layers must list distinct"),
+    ({"kind": "detection", "datalist": "x.json", "mask_key": "m"}, "unknown setting 'mask_key' for a detection"),
+    ({"kind": "classification", "datalist": "x.json", "on_bad_data": "ignore"}, "on_bad_data must be raise or skip"),
     ({"kind": "classification"}, "datalist must be the path"),
     ({"kind": "classification", "datalist": "x.json", "clases": ["a", "b"]}, "did you mean 'classes'"),
     ({"kind": "segmentation", "datalist": "x.json", "num_classes": 3}, "unknown setting 'num_classes'"),
@@ -120,6 +124,41 @@ def test_each_kind_trains_on_real_batches(task_set, name, label_shape):
     assert loss.ndim == 0 and math.isfinite(loss.item())
     loss.backward()
     assert task.network.backbone.conv1.weight.grad is not None
+
+
+def test_detection_task_learns_on_real_boxes(xray_root):
+    """TB boxes (TBX11K): list batches through the RetinaNet on the shared backbone; the loss falls over a few steps
+    on one batch, and the validator scores COCO mAP with AP50 beside it."""
+    from monai.engines import SupervisedEvaluator
+
+    from muscle_ext.engines import DetectionTask
+    from muscle_ext.engines.detection import DetectionEvaluator
+
+    datalist = str(xray_root / "tb_detection_tbx11k" / "datalist.json")
+    tasks = TaskSet({"tb": {"kind": "detection", "datalist": datalist, "classes": ["active", "obsolete"],
+                            "on_bad_data": "skip"}}, image_size=64, batch_size=4, max_items=8)
+    backbone = _backbone()
+    nets = tasks.networks(backbone)
+    task = tasks.train_tasks(nets)["tb"]
+    assert isinstance(task, DetectionTask) and nets["tb"].network.feature_extractor.backbone is backbone
+    batch = next(iter(task.data_loader))
+    assert isinstance(batch, list) and batch[0]["box"].shape[-1] == 4 and set(batch[0]) == {"image", "box", "label"}
+    inputs, targets = task.prepare_batch(batch, "cpu", False)
+    nets.train()
+    optimizer = torch.optim.AdamW(nets.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        pred, loss = task.forward_loss(inputs, targets)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert set(pred) == {"loss_cls", "loss_box"} and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
+    evaluator = tasks.evaluators(nets)["tb"]
+    assert isinstance(evaluator, DetectionEvaluator) and isinstance(evaluator, SupervisedEvaluator)
+    evaluator.run()
+    assert 0 <= evaluator.state.metrics["tb_map"] <= 1 and "tb_map_ap50" in evaluator.state.metrics
 
 
 def test_regression_target_is_scaled_from_the_training_labels(task_set, xray_root):
@@ -204,7 +243,7 @@ def test_unknown_task_name_stops_at_once_with_one_line(tmp_path, xray_root, star
                           timeout=300, env=bundle_env(), cwd=REPO)
     took = time.monotonic() - began
     assert proc.returncode != 0
-    line = "unknown task 'lungs' in tasks; the task_specs are: pneumonia, knee, lung (did you mean 'lung'?)"
+    line = "unknown task 'lungs' in tasks; the task_specs are: pneumonia, knee, lung, tb (did you mean 'lung'?)"
     assert line in proc.stderr
     assert "Traceback" not in proc.stderr.split(line)[-1]  # the short block, not a trace from the trainer
     assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "out" / "cache").exists()
@@ -214,10 +253,11 @@ def test_unknown_task_name_stops_at_once_with_one_line(tmp_path, xray_root, star
 
 def test_a_hospital_adds_its_own_labelled_task_with_one_spec_entry(tmp_path, xray_root, start):
     """The hospital's task (bone age regression on hand X-rays, standing in for its own data) is one command-line
-    entry; it trains in the schedule beside the three default tasks and is validated after every round."""
+    entry; it trains in the schedule beside the chosen default tasks and is validated after every round."""
     spec = {"kind": "regression", "datalist": str(xray_root / "hand_boneage" / "datalist.json"), "flip": True}
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    overrides = tiny(tmp_path, xray_root, start, use_tracking=True, tracking_uri=uri, **{"task_specs#boneage": spec})
+    overrides = tiny(tmp_path, xray_root, start, use_tracking=True, tracking_uri=uri, **{"task_specs#boneage": spec},
+                     tasks="['pneumonia','knee','lung','boneage']")
     proc = run_bundle("muscle_continual", TRAIN, overrides)
     visits = _visits(proc.stdout + proc.stderr)
     assert sorted(t for r, t in visits if r == 1) == ["boneage", "knee", "lung", "pneumonia"]
@@ -251,3 +291,43 @@ def test_a_hospital_task_from_a_config_file_merged_after_train_yaml(tmp_path, xr
     metrics = json.loads((tmp_path / "out" / "task_metrics.json").read_text())
     assert set(metrics["rounds"]["1"]) == {"site2_auc", "lung_dice"}
     assert load_backbone_checkpoint(tmp_path / "models" / "backbone.pt")["source"]["iteration"] == 5
+
+
+def test_a_hospital_continues_a_muscle_run_with_the_earlier_tasks_as_guardrails(tmp_path, xray_root, start):
+    """The hospital workflow: a finished MUSCLE run (pneumonia, lung) is continued with the hospital's own labelled
+    task (a held-back slice of the second pneumonia site stands in for it). The earlier tasks keep their trained heads
+    and become guardrails: their scores before training are the earlier run's final ones, and the table says what
+    the new task did to each."""
+    earlier = tiny(tmp_path / "earlier", xray_root, start, tasks="['pneumonia','lung']", rounds=1)
+    run_bundle("muscle_continual", TRAIN, earlier)
+    earlier_final = json.loads((tmp_path / "earlier" / "out" / "forgetting.json").read_text())["visits"][-1]
+
+    site2 = {"kind": "classification", "datalist": str(xray_root / "pneumonia_site2" / "datalist.json"),
+             "train_split": "test"}
+    hospital = tiny(tmp_path / "hospital", xray_root, tmp_path / "earlier" / "models" / "backbone.pt", rounds=1,
+                    tasks="['pneumonia','lung','site2']", init_heads=tmp_path / "earlier" / "out" / "checkpoints",
+                    guardrail_margin=0.0, **{"task_specs#site2": site2})
+    proc = run_bundle("muscle_continual", TRAIN, hospital)
+    log = proc.stdout + proc.stderr
+    assert "task heads from checkpoint_4.pt: pneumonia, lung; fresh heads: site2" in log
+    with open(tmp_path / "hospital" / "out" / "guardrails.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["task"] for r in rows] == ["pneumonia", "lung"]
+    for row in rows:  # the start is the earlier run's result: its backbone with its own head for the task
+        assert float(row["start"]) == pytest.approx(earlier_final[row["task"]], abs=1e-6)
+        change = float(row["final"]) - float(row["start"])
+        assert float(row["change"]) == pytest.approx(change)
+        assert (row["fell"] == "True") == (change < 0)
+        assert (f"guardrail: task {row['task']} fell by" in log) == (change < 0)
+
+    # the earlier run's checkpoint with another backbone (here the MD-MoCo start): refused before training
+    mixed = {**hospital, "init_weights": start, "output_dir": tmp_path / "mixed"}
+    refused = subprocess.run(bundle_command("muscle_continual", TRAIN, mixed), capture_output=True, text=True,
+                             timeout=300, env=bundle_env(), cwd=REPO)
+    assert refused.returncode != 0 and "holds another backbone than init_weights" in refused.stderr
+    assert "round 1" not in refused.stdout + refused.stderr and not list((tmp_path / "mixed").rglob("*.pt"))
+    # a margin without a run to guard is a mistake, not a no-op
+    alone = {k: v for k, v in hospital.items() if k != "init_heads"}
+    refused = subprocess.run(bundle_command("muscle_continual", TRAIN, {**alone, "output_dir": tmp_path / "alone"}),
+                             capture_output=True, text=True, timeout=300, env=bundle_env(), cwd=REPO)
+    assert refused.returncode != 0 and "--guardrail_margin is ignored" in refused.stderr

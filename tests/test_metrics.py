@@ -257,6 +257,16 @@ def test_frozen_probes_separate_separable_features_and_leave_the_global_rng_alon
     assert roc_auc(query_y.numpy(), knn_scores(train_x, 1 - train_y, query_x, 2, k=5)[:, 1].numpy()) < 0.05
 
 
+def test_continual_metrics_count_a_joint_visit_for_every_task_it_trains():
+    from muscle_ext.metrics.continual import continual_metrics
+
+    out = continual_metrics([[0.6, 0.5], [0.8, 0.7], [0.7, 0.9]], [("a", "b")] * 3, ["a", "b"])
+    assert out["per_task"]["a"]["after_own_last_visit"] == 0.7 and out["per_task"]["a"]["bwt"] is None
+    assert out["per_task"]["a"]["forgetting"] == pytest.approx(0.1) and out["per_task"]["b"]["forgetting"] < 0
+    with pytest.raises(ValueError, match="not columns"):
+        continual_metrics([[0.5]], [("a", "z")], ["a"])
+
+
 def test_continual_metrics_follow_their_definitions():
     from muscle_ext.metrics.continual import continual_metrics
 

@@ -1,14 +1,23 @@
 """Training engines: the MoCo trainer, the multi-task continual trainer and the detection trainer and evaluator on a
 shared base, mixed precision on any device, learning-rate schedules."""
 
-from .continual import MultiTaskTrainer, SupervisedTask, TaskSchedule, task_loss
+from .continual import (
+    JOINT,
+    DetectionTask,
+    JointSchedule,
+    MultiTaskTrainer,
+    SupervisedTask,
+    TaskSchedule,
+    task_loss,
+    task_schedule,
+)
 from .detection import DetectionEvaluator, DetectionLoss, DetectionPrepareBatch, DetectionTrainer, unwrap_detector
 from .events import TaskEvents
 from .inferers import AutocastInferer
 from .moco_trainer import ACC_TOP1, MoCoTrainer, PrepareTwoViews, unwrap_moco
 from .precision import autocast_on, bf16_is_fast, needs_grad_scaler
 from .schedules import cosine_with_warmup, cosine_with_warmup_factor
-from .task_set import TaskSet, TaskValidation, evaluate_tasks, load_task_networks
+from .task_set import TaskSet, TaskValidation, checkpoint_tasks, evaluate_tasks, load_task_heads, load_task_networks
 from .task_specs import TaskSpec, parse_task_specs, spec_table
 from .trainer import StepTrainer
 
@@ -16,9 +25,12 @@ __all__ = [
     "AutocastInferer",
     "ACC_TOP1",
     "DetectionEvaluator",
+    "DetectionTask",
     "DetectionLoss",
     "DetectionPrepareBatch",
     "DetectionTrainer",
+    "JOINT",
+    "JointSchedule",
     "MoCoTrainer",
     "MultiTaskTrainer",
     "PrepareTwoViews",
@@ -34,11 +46,14 @@ __all__ = [
     "cosine_with_warmup",
     "cosine_with_warmup_factor",
     "needs_grad_scaler",
+    "checkpoint_tasks",
     "evaluate_tasks",
+    "load_task_heads",
     "load_task_networks",
     "parse_task_specs",
     "spec_table",
     "task_loss",
+    "task_schedule",
     "unwrap_detector",
     "unwrap_moco",
 ]

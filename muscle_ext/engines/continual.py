@@ -5,8 +5,11 @@ turn, by a cyclic and reshuffled task schedule.
   visit ``steps`` iterations of one task; with ``reshuffle`` every round visits the tasks in a new order drawn from
   ``(seed, round)`` (MUSCLE's cyclic and reshuffled learning schedule), without it in the given order every round.
   The task of an iteration depends on the iteration number only, so a resumed run continues the schedule exactly.
+- :class:`JointSchedule` is the joint multi-task baseline: every iteration trains every task at once (the sum of
+  their losses), with the same batches per task and round as the cyclic schedule; each round is one "visit" of all
+  tasks, named :data:`JOINT`.
 - :class:`SupervisedTask` is one task: its network (a head on the shared backbone), loss, data and batch
-  preparation.
+  preparation; :class:`DetectionTask` one whose network is a detector (list batches, the detector's own losses).
 - :class:`MultiTaskTrainer` runs the schedule: a MONAI ``SupervisedTrainer`` whose iteration draws the next batch of
   the scheduled task, and fires :attr:`TaskEvents.TASK_STARTED` at the first iteration of each visit (before the
   forward pass) so that handlers, e.g. :class:`~muscle_ext.handlers.CrossTaskMemorization`, can act on task switches.
@@ -28,14 +31,18 @@ from torch import nn
 from torch.optim.optimizer import Optimizer
 
 from ..flags import as_flag
+from .detection import DetectionLoss, DetectionPrepareBatch, plain_images
 from .events import TaskEvents
 from .trainer import StepTrainer
 
-__all__ = ["MultiTaskTrainer", "SupervisedTask", "TaskSchedule", "task_loss"]
+__all__ = ["JOINT", "MIXINGS", "DetectionTask", "JointSchedule", "MultiTaskTrainer", "SupervisedTask", "TaskSchedule",
+           "task_loss", "task_schedule"]
 
 logger = logging.getLogger(__name__)
 
 TASK = "task"
+TASK_LOSSES = "task_losses"
+JOINT = "joint"  # the visit name of a joint round: every task at once
 
 
 class TaskSchedule:
@@ -86,9 +93,74 @@ class TaskSchedule:
             step -= self.steps[task]
         raise AssertionError("unreachable: step is below steps_per_round")
 
+    def visit_tasks(self, visit: str) -> list[str]:
+        """The tasks a visit trains: the visited task itself."""
+        return [visit]
+
+    def tasks_at(self, iteration: int) -> list[str]:
+        """The tasks trained at the 0-based global ``iteration``: one."""
+        return [self.visit_step(iteration)[0]]
+
     def __repr__(self) -> str:
         return (f"TaskSchedule(tasks={self.tasks}, steps={self.steps}, reshuffle={self.reshuffle}, "
                 f"seed={self.seed})")
+
+
+class JointSchedule(TaskSchedule):
+    """The joint multi-task baseline: every iteration trains all tasks together (one batch of each, the sum of their
+    weighted losses, one optimiser step).
+
+    A round is ``max(steps)`` iterations, and task ``t`` takes part in the first ``steps[t]`` of them: each task
+    trains on exactly as many batches per round as in a :class:`TaskSchedule` with the same ``steps``, in fewer
+    optimiser steps of larger mixed batches (the same data budget). A round is one visit, named :data:`JOINT`.
+
+    Args: as :class:`TaskSchedule`; ``reshuffle`` must be off (there is no order to reshuffle).
+    """
+
+    def __init__(self, tasks: Sequence[str], steps: int | Mapping[str, int], reshuffle: bool = False,
+                 seed: int = 0) -> None:
+        super().__init__(tasks, steps, reshuffle=False, seed=seed)
+        if as_flag(reshuffle, "reshuffle"):
+            raise ValueError("the joint schedule trains every task at every step: there is no task order to "
+                             "reshuffle; set reshuffle false")
+
+    @property
+    def steps_per_round(self) -> int:
+        return max(self.steps.values())
+
+    def order(self, round_index: int) -> list[str]:
+        return [JOINT]
+
+    def visit_step(self, iteration: int) -> tuple[str, int]:
+        return JOINT, iteration % self.steps_per_round
+
+    def visit_tasks(self, visit: str) -> list[str]:
+        return list(self.tasks)
+
+    def tasks_at(self, iteration: int) -> list[str]:
+        step = iteration % self.steps_per_round
+        return [t for t in self.tasks if step < self.steps[t]]
+
+    def __repr__(self) -> str:
+        return f"JointSchedule(tasks={self.tasks}, steps={self.steps}, seed={self.seed})"
+
+
+MIXINGS = ("cyclic", "joint")
+
+
+def task_schedule(mixing: str, tasks: Sequence[str], steps: int | Mapping[str, int], reshuffle: bool = True,
+                  seed: int = 0) -> TaskSchedule:
+    """The schedule a continual bundle's ``task_mixing`` names: ``cyclic`` (one task per visit, MUSCLE and MUSCLE--)
+    or ``joint`` (every task in every step, the multi-task baseline; ``reshuffle`` is not read).
+
+    Raises:
+        ValueError: an unknown ``mixing``.
+    """
+    if mixing == "cyclic":
+        return TaskSchedule(tasks, steps, reshuffle=reshuffle, seed=seed)
+    if mixing == "joint":
+        return JointSchedule(tasks, steps, seed=seed)
+    raise ValueError(f"task_mixing must be one of {', '.join(MIXINGS)}, got {mixing!r}")
 
 
 class SupervisedTask:
@@ -110,15 +182,58 @@ class SupervisedTask:
         self.prepare_batch = prepare_batch
         self.weight = float(weight)
 
+    def forward_loss(self, inputs: Any, targets: Any) -> tuple[Any, torch.Tensor]:
+        """``(prediction, weighted loss)`` of one training batch (the network in its current mode)."""
+        pred = self.network(inputs)
+        return pred, self.weight * self.loss_function(pred, targets).mean()
+
+
+class DetectionTask(SupervisedTask):
+    """A detection task: ``network`` is a MONAI ``RetinaNetDetector`` (e.g.
+    :func:`~muscle_ext.networks.build_retinanet_detector` on the shared backbone) that takes a list of images and a
+    list of target dicts and returns its classification and box-regression losses in train mode. Batches are lists
+    of item dicts (``collate_fn=no_collation``); the prediction kept in the trainer's output is the loss pair
+    ``{"loss_cls", "loss_box"}``.
+
+    Args: as :class:`SupervisedTask`; ``loss_function`` maps the detector's loss dict to one loss
+    (:class:`~muscle_ext.engines.detection.DetectionLoss` by default), ``prepare_batch`` is
+    :class:`~muscle_ext.engines.detection.DetectionPrepareBatch` by default.
+    """
+
+    def __init__(self, network: nn.Module, data_loader: Iterable, loss_function: Callable | None = None,
+                 prepare_batch: Callable | None = None, weight: float = 1.0) -> None:
+        super().__init__(network, DetectionLoss() if loss_function is None else loss_function, data_loader,
+                         DetectionPrepareBatch() if prepare_batch is None else prepare_batch, weight)
+
+    def forward_loss(self, inputs: Any, targets: Any) -> tuple[Any, torch.Tensor]:
+        if targets is None:
+            raise ValueError("detection training items need boxes and labels")
+        losses = self.network(plain_images(inputs), targets)
+        pred = {"loss_cls": losses[self.network.cls_key].float(), "loss_box": losses[self.network.box_reg_key].float()}
+        return pred, self.weight * self.loss_function(losses).float()
+
 
 def task_loss(output: Mapping[str, Any]) -> dict[str, float]:
     """``{"<task>_loss": value}`` from a :class:`MultiTaskTrainer` output: one loss curve per task (the
-    ``output_transform`` of ``StatsHandler`` and the tracking handler). The loss includes the memorization penalty
-    added before backward; that penalty is also given alone as ``memorization`` when a memorization handler ran."""
+    ``output_transform`` of ``StatsHandler`` and the tracking handler); a joint step gives every task's loss and
+    their sum as ``joint_loss``. The loss includes the memorization penalty added before backward; that penalty is
+    also given alone as ``memorization`` when a memorization handler ran."""
     losses = {f"{output[TASK]}_loss": float(output[Keys.LOSS])}
+    if output[TASK] == JOINT:
+        losses.update({f"{task}_loss": float(value) for task, value in output[TASK_LOSSES].items()})
     if "memorization" in output:
         losses["memorization"] = float(output["memorization"])
     return losses
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, Mapping):
+        return {k: _detached(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detached(v) for v in value)
+    return value
 
 
 def _visit_seed(seed: int, round_index: int, task_index: int) -> int:
@@ -167,21 +282,24 @@ class MultiTaskTrainer(StepTrainer):
                          amp=amp, amp_kwargs=amp_kwargs, non_blocking=non_blocking, event_names=[TaskEvents],
                          decollate=False, **kwargs)
 
-    def _start_visit(self, task_name: str, round_index: int) -> None:
-        loader = self.tasks[task_name].data_loader
-        seed = _visit_seed(self.seed, round_index, self.schedule.tasks.index(task_name))
-        generator = getattr(loader, "generator", None)
-        if isinstance(generator, torch.Generator):  # data order; worker processes derive their seeds from it
-            generator.manual_seed(seed)
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):  # a DistributedSampler: every rank draws its shard of the same order
-            sampler.set_epoch(seed)
-        if getattr(loader, "num_workers", 0) == 0 and hasattr(loader, "dataset"):  # augmentation in this process
-            set_rnd(loader.dataset, seed % 2**32)
-        self._batches = itertools.chain.from_iterable(itertools.repeat(loader))
-        self._visit = (round_index, task_name)
-        self.state.task = task_name
-        logger.info(f"round {round_index + 1}: task {task_name} ({self.schedule.steps[task_name]} steps)")
+    def _start_visit(self, visit: str, round_index: int) -> None:
+        self._batches = {}
+        for task_name in self.schedule.visit_tasks(visit):
+            loader = self.tasks[task_name].data_loader
+            seed = _visit_seed(self.seed, round_index, self.schedule.tasks.index(task_name))
+            generator = getattr(loader, "generator", None)
+            if isinstance(generator, torch.Generator):  # data order; worker processes derive their seeds from it
+                generator.manual_seed(seed)
+            sampler = getattr(loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):  # a DistributedSampler: every rank draws its shard of the same order
+                sampler.set_epoch(seed)
+            if getattr(loader, "num_workers", 0) == 0 and hasattr(loader, "dataset"):  # augmentation in this process
+                set_rnd(loader.dataset, seed % 2**32)
+            self._batches[task_name] = itertools.chain.from_iterable(itertools.repeat(loader))
+        self._visit = (round_index, visit)
+        self.state.task = visit
+        steps = self.schedule.steps_per_round if visit == JOINT else self.schedule.steps[visit]
+        logger.info(f"round {round_index + 1}: task {visit} ({steps} steps)")
         self.fire_event(TaskEvents.TASK_STARTED)
 
     def _iteration(self, engine: MultiTaskTrainer, batchdata: Any) -> dict:  # type: ignore[override]
@@ -190,32 +308,43 @@ class MultiTaskTrainer(StepTrainer):
             raise ValueError(f"the run has rounds of {engine.state.epoch_length} iterations (from its checkpoint), "
                              f"the schedule {engine.schedule.steps_per_round}: resume with the same steps per visit")
         index = engine.state.iteration - 1
-        task_name, first_step = engine.schedule.task_at(index)
+        visit, step = engine.schedule.visit_step(index)
         round_index = index // engine.schedule.steps_per_round
-        if first_step or engine._visit != (round_index, task_name):  # also after a resume inside a visit
-            engine._start_visit(task_name, round_index)
-            for _ in range(engine.schedule.visit_step(index)[1]):  # resumed inside a visit: skip what it trained on
-                next(engine._batches)
-        task = engine.tasks[task_name]
-        inputs, targets, *_ = task.prepare_batch(next(engine._batches), engine.state.device, engine.non_blocking,
-                                                 **engine.to_kwargs)
+        if step == 0 or engine._visit != (round_index, visit):  # also after a resume inside a visit
+            engine._start_visit(visit, round_index)
+            for name, batches in engine._batches.items():  # resumed inside a visit: skip what it trained on
+                for _ in range(min(step, engine.schedule.steps[name])):
+                    next(batches)
+        names = engine.schedule.tasks_at(index)
+        batches = {}
+        for name in names:
+            task = engine.tasks[name]
+            batches[name] = task.prepare_batch(next(engine._batches[name]), engine.state.device, engine.non_blocking,
+                                               **engine.to_kwargs)[:2]
 
         engine.network.train()
         # always None, never zeros: AdamW would otherwise keep moving (momentum, weight decay) the heads of the
         # tasks that are not being trained
         engine.optimizer.zero_grad(set_to_none=True)
-        engine.state.output = {TASK: task_name}
+        engine.state.output = {TASK: visit}
         with engine.autocast():
-            pred = task.network(inputs)
-            engine.state.output[Keys.PRED] = pred
-            engine.state.output[Keys.LABEL] = targets
+            preds, losses = {}, {}
+            for name, (inputs, targets) in batches.items():
+                preds[name], losses[name] = engine.tasks[name].forward_loss(inputs, targets)
+            if visit == JOINT:
+                engine.state.output[Keys.PRED] = preds
+                engine.state.output[Keys.LABEL] = {name: batch[1] for name, batch in batches.items()}
+                engine.state.output[TASK_LOSSES] = {name: loss.detach() for name, loss in losses.items()}
+            else:
+                engine.state.output[Keys.PRED] = preds[visit]
+                engine.state.output[Keys.LABEL] = batches[visit][1]
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            engine.state.output[Keys.LOSS] = task.weight * task.loss_function(pred, targets).mean()
+            engine.state.output[Keys.LOSS] = sum(losses.values())
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss = engine.state.output[Keys.LOSS]  # a LOSS_COMPLETED handler may have added its penalty
         engine.backward_and_step(loss)
         output = engine.state.output
         output[Keys.LOSS] = loss.detach()
-        output[Keys.PRED] = output[Keys.PRED].detach()
+        output[Keys.PRED] = _detached(output[Keys.PRED])
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return output

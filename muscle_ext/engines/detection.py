@@ -36,7 +36,9 @@ __all__ = [
     "DetectionLoss",
     "DetectionPrepareBatch",
     "DetectionTrainer",
+    "plain_images",
     "unwrap_detector",
+    "with_target_keys",
 ]
 
 logger = logging.getLogger(__name__)
@@ -110,6 +112,18 @@ def _with_target_keys(network: nn.Module, box_key: str, label_key: str) -> nn.Mo
 def _plain(x: torch.Tensor) -> torch.Tensor:
     # the detector pads, stacks and indexes its inputs: meta data only slows that down
     return x.as_tensor() if isinstance(x, MetaTensor) else x
+
+
+def plain_images(images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The images of a detection batch as plain tensors (the detector pads, stacks and indexes them: MONAI's meta
+    data would only slow that down)."""
+    return [_plain(i) for i in images]
+
+
+def with_target_keys(network: nn.Module, box_key: str = "box", label_key: str = "label") -> nn.Module:
+    """``network`` (a MONAI ``RetinaNetDetector``, possibly wrapped) with its target keys set to the datalist's,
+    so that items, targets and predictions use the same names. Returns the same object."""
+    return _with_target_keys(network, box_key, label_key)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.apps.detection.transforms.dictionary import RandFlipBoxd
 from monai.data import DataLoader, DistributedSampler
+from monai.data.utils import no_collation
 from monai.engines import SupervisedEvaluator
 from monai.handlers import ROCAUC, MeanAbsoluteError, MeanDice, ValidationHandler, from_engine
 from monai.losses import DiceCELoss
@@ -37,12 +39,15 @@ from torch import nn
 from torch.utils.data.distributed import DistributedSampler as TorchDistributedSampler
 
 from ..data import load_datalist, make_dataset, subset, validate_datalist, xray_preprocessing
-from ..networks import BackboneClassifier, BackboneRegressor, BackboneSegmenter
+from ..data.boxes import detection_augmentation, detection_preprocessing
+from ..metrics.detection_metric import DetectionCOCOMetric
+from ..networks import BackboneClassifier, BackboneRegressor, BackboneSegmenter, build_retinanet_detector
 from ..settings import SettingsError
-from .continual import SupervisedTask
+from .continual import DetectionTask, SupervisedTask
+from .detection import DetectionEvaluator, DetectionLoss, with_target_keys
 from .task_specs import SPLITS, parse_task_specs
 
-__all__ = ["TaskSet", "TaskValidation", "evaluate_tasks", "load_task_networks"]
+__all__ = ["TaskSet", "TaskValidation", "checkpoint_tasks", "evaluate_tasks", "load_task_heads", "load_task_networks"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +123,11 @@ class TaskSet:
             items = subset(load_datalist(spec.datalist, section), self.max_items)
             checks: dict[str, Any] = {"classification": {"classes": list(range(spec.num_classes))},
                                       "segmentation": {"mask_key": spec.mask_key},
-                                      "regression": {"numeric_labels": True}}[spec.kind]
-            items = validate_datalist(items, on_error=self.on_bad_data, source=f"{name} {split}", **checks)
+                                      "regression": {"numeric_labels": True},
+                                      "detection": {"classes": list(range(spec.num_classes)), "box_key": "box"},
+                                      }[spec.kind]
+            items = validate_datalist(items, on_error=spec.on_bad_data or self.on_bad_data, source=f"{name} {split}",
+                                      **checks)
             if spec.kind == "segmentation" and spec.mask_key != "label":  # the pipeline's target is `label`
                 items = [{**{k: v for k, v in item.items() if k != "label"}, "label": item[spec.mask_key]}
                          for item in items]
@@ -146,6 +154,8 @@ class TaskSet:
         follows), optional flips and gamma, then ``normalize``; only ``image`` and ``label`` leave the chain."""
         spec = self.specs[name]
         size = self.image_size
+        if spec.kind == "detection":
+            return self._detection_transform(name, training)
         segmentation = spec.kind == "segmentation"
         chain = list(xray_preprocessing("image", mask_keys="label" if segmentation else (), size=size))
         if training:
@@ -166,6 +176,25 @@ class TaskSet:
         chain.append(SelectItemsd(keys=["image", "label"]))  # datalist extras (patient ids, sources) stop here
         return Compose(chain)
 
+    def _detection_transform(self, name: str, training: bool) -> Compose:
+        """The downstream detection bundle's chain: whole image (longest side to the image size, padded), boxes in
+        MONAI order on that grid; in training its box-aware zoom and intensity changes (flips where the spec says
+        so); ``image``, ``box`` and ``label`` leave it."""
+        chain = list(detection_preprocessing("image", "box", "label", size=self.image_size))
+        if training:
+            chain += detection_augmentation("image", "box", "label")
+            if self.specs[name].flip:
+                chain.append(RandFlipBoxd(image_keys="image", box_keys="box", box_ref_image_keys="image", prob=0.5,
+                                          spatial_axis=1))
+        if self.normalize is not None:
+            chain.append(self.normalize)
+        chain.append(SelectItemsd(keys=["image", "box", "label"]))
+        return Compose(chain)
+
+    def _collate(self, name: str) -> Any:
+        # detection batches are lists: images carry different numbers of boxes
+        return {"collate_fn": no_collation} if self.specs[name].kind == "detection" else {}
+
     def _dataset(self, name: str, split: str) -> Any:
         suffix = {"training": "", "validation": "_val"}.get(split, f"_{split}")
         cache_dir = None if self.cache_dir is None else os.path.join(self.cache_dir, name + suffix)
@@ -180,14 +209,16 @@ class TaskSet:
         sampler = TorchDistributedSampler(dataset, shuffle=True) if self.distributed else None
         size = len(sampler) if sampler is not None else len(dataset)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler,
-                          drop_last=size > self.batch_size, num_workers=self.num_workers, generator=torch.Generator())
+                          drop_last=size > self.batch_size, num_workers=self.num_workers, generator=torch.Generator(),
+                          **self._collate(name))
 
     def val_loader(self, name: str, split: str = "validation") -> DataLoader:
         """Batches of the ``validation`` (or ``test``) split in datalist order, without augmentation. With
         ``distributed``, each process scores its shard and MONAI's metric handlers gather every rank's."""
         dataset = self._dataset(name, split)
         sampler = DistributedSampler(dataset, shuffle=False, even_divisible=False) if self.distributed else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          **self._collate(name))
 
     # ---------------------------------------------------------------------------------------------- models
     def network(self, name: str, backbone: nn.Module) -> nn.Module:
@@ -197,14 +228,22 @@ class TaskSet:
             return BackboneClassifier(backbone, num_outputs=spec.num_classes)
         if spec.kind == "segmentation":  # output stride 32: no dilation, so the shared backbone stays plain
             return BackboneSegmenter(backbone, num_classes=2, output_stride=32)
+        if spec.kind == "detection":  # the downstream bundle's RetinaNet; anchors scaled from 256 px
+            scale = self.image_size / 256
+            detector = build_retinanet_detector(
+                backbone, num_classes=spec.num_classes, returned_layers=spec.returned_layers,
+                base_anchor_shapes=[(r * scale, c * scale) for r, c in spec.anchor_shapes])
+            return with_target_keys(detector)
         return BackboneRegressor(backbone, num_outputs=1)
 
     def networks(self, backbone: nn.Module) -> nn.ModuleDict:
         """``{task: model}`` on the one ``backbone``, built in task order (their heads' random initialisation too)."""
         return nn.ModuleDict({name: self.network(name, backbone) for name in self.specs})
 
-    def loss(self, name: str) -> nn.Module:
+    def loss(self, name: str) -> Callable:
         kind = self.specs[name].kind
+        if kind == "detection":
+            return DetectionLoss()
         if kind == "classification":
             return nn.CrossEntropyLoss()
         if kind == "segmentation":
@@ -213,13 +252,21 @@ class TaskSet:
 
     def train_tasks(self, networks: Mapping[str, nn.Module]) -> dict[str, SupervisedTask]:
         """``{task: SupervisedTask}`` for :class:`~muscle_ext.engines.MultiTaskTrainer` (builds the loaders)."""
-        return {name: SupervisedTask(networks[name], self.loss(name), self.train_loader(name),
-                                     weight=self.specs[name].loss_weight)
-                for name in self.specs}
+        tasks: dict[str, SupervisedTask] = {}
+        for name, spec in self.specs.items():
+            if spec.kind == "detection":
+                tasks[name] = DetectionTask(networks[name], self.train_loader(name), self.loss(name),
+                                            weight=spec.loss_weight)
+            else:
+                tasks[name] = SupervisedTask(networks[name], self.loss(name), self.train_loader(name),
+                                             weight=spec.loss_weight)
+        return tasks
 
     # ---------------------------------------------------------------------------------------------- validation
-    def postprocessing(self, name: str) -> Compose:
+    def postprocessing(self, name: str) -> Compose | None:
         spec = self.specs[name]
+        if spec.kind == "detection":  # the detector returns boxes on the input grid, as the metric takes them
+            return None
         if spec.kind == "classification":
             return Compose([Activationsd(keys="pred", softmax=True),
                             AsDiscreted(keys="label", to_onehot=spec.num_classes)])
@@ -233,6 +280,8 @@ class TaskSet:
         """The validation metric handler (``<task>_auc``, ``<task>_dice``, ``<task>_mae``)."""
         pairs = from_engine(["pred", "label"])
         kind = self.specs[name].kind
+        if kind == "detection":  # COCO mAP (IoU 0.50:0.95); AP50, AP75 and per-class AP logged beside it
+            return DetectionCOCOMetric(classes=self.specs[name].class_names)
         if kind == "classification":
             return ROCAUC(output_transform=pairs)
         if kind == "segmentation":
@@ -253,7 +302,8 @@ class TaskSet:
             handlers = [h if hasattr(h, "attach") and not isinstance(h, type) else h()
                         for h in val_handlers if h is not None]
             extra = {"metric_cmp_fn": operator.lt} if spec.lower_is_better else {}
-            out[name] = SupervisedEvaluator(
+            engine = DetectionEvaluator if spec.kind == "detection" else SupervisedEvaluator
+            out[name] = engine(
                 device=device, val_data_loader=self.val_loader(name, split), network=networks[name],
                 postprocessing=self.postprocessing(name), key_val_metric={spec.metric: self.metric(name)},
                 val_handlers=[h for h in handlers if h is not None], **extra)
@@ -314,6 +364,85 @@ def load_task_networks(networks: nn.Module, checkpoint: str | os.PathLike | None
                             f"{', '.join(wanted)}: pass --tasks \"{trained!r}\" (the tasks it was trained on)")
     networks.load_state_dict(state)
     return os.fspath(checkpoint)
+
+
+def _network_state(checkpoint: str | os.PathLike, key: str = "network") -> dict[str, torch.Tensor]:
+    path = os.fspath(checkpoint)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"init_heads: {path} is not a file; give one of a continual run's "
+                                "checkpoint_<iteration>.pt files")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if key not in payload:
+        raise SettingsError(f"init_heads: {path} has no '{key}' entry: not a muscle_continual training checkpoint")
+    return payload[key]
+
+
+def checkpoint_tasks(checkpoint: str | os.PathLike | None) -> list[str]:
+    """The tasks a continual run's training checkpoint file holds networks for, in their order; ``[]`` for ``None``."""
+    if not checkpoint:
+        return []
+    return list(dict.fromkeys(name.split(".", 1)[0] for name in _network_state(checkpoint)))
+
+
+def load_task_heads(networks: nn.ModuleDict, backbone: nn.Module, checkpoint: str | os.PathLike | None,
+                    atol: float = 0.0) -> nn.ModuleDict:
+    """Start the heads of the tasks that an earlier continual run trained from that run's checkpoint: the hospital
+    workflow, where a team continues a MUSCLE backbone with its own task and keeps the earlier tasks (and their
+    trained heads) as guardrails. Tasks the checkpoint does not hold keep their fresh heads.
+
+    The shared backbone is not loaded from the checkpoint (it comes from ``init_weights``); the checkpoint's copy must
+    equal it, so that the heads are scored on the backbone they were trained with.
+
+    Args:
+        networks: ``{task: model}`` of :meth:`TaskSet.networks` on ``backbone``.
+        backbone: the shared backbone, already initialised from the run's ``backbone.pt``.
+        checkpoint: the earlier run's ``checkpoint_<iteration>.pt`` (``None``: nothing is loaded).
+        atol: largest difference allowed between the checkpoint's backbone and ``backbone``.
+
+    Returns:
+        ``networks`` (loaded in place), for use in a config expression.
+
+    Raises:
+        FileNotFoundError: no such file or checkpoint.
+        SettingsError: the checkpoint holds another backbone than ``backbone`` (the ``init_weights`` of another run
+            or iteration), no task of ``networks``, or a head of another shape (a task of the same name with other
+            classes or kind); each message names the fix.
+    """
+    if not checkpoint:
+        return networks
+    state = _network_state(checkpoint)
+    shared = {id(t) for t in backbone.state_dict(keep_vars=True).values()}
+    loaded, problems = [], []
+    for task, network in networks.items():
+        entries = network.state_dict(keep_vars=True)
+        saved = {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == task}
+        if not saved:
+            continue
+        backbone_keys = [k for k, v in entries.items() if id(v) in shared]
+        head_keys = [k for k in entries if k not in set(backbone_keys)]
+        for key in backbone_keys:
+            if key in saved and not torch.allclose(saved[key].float(), entries[key].detach().float().cpu(), atol=atol,
+                                                   rtol=0.0):
+                problems.append(f"init_heads: {checkpoint} holds another backbone than init_weights (first difference "
+                                f"at {task}.{key}): give the backbone.pt and the checkpoint of the same finished run")
+                break
+        mismatched = [k for k in head_keys if k not in saved or tuple(saved[k].shape) != tuple(entries[k].shape)]
+        if mismatched:
+            problems.append(f"init_heads: the head of task {task} in {checkpoint} does not fit its spec here "
+                            f"({mismatched[0]}): the task of that name has other classes or another kind; rename the "
+                            "new task or leave init_heads out")
+            continue
+        network.load_state_dict({**{k: v.detach() for k, v in entries.items()}, **{k: saved[k] for k in head_keys}})
+        loaded.append(task)
+    if problems:
+        raise SettingsError(problems[0] if len(problems) == 1 else "\n".join(problems))
+    if not loaded:
+        held = ", ".join(checkpoint_tasks(checkpoint))
+        raise SettingsError(f"init_heads: {checkpoint} holds the tasks {held}, none of which this run trains: add "
+                            "them to --tasks (they are the guardrails) or leave init_heads out")
+    logger.info(f"task heads from {os.path.basename(os.fspath(checkpoint))}: {', '.join(loaded)}; fresh heads: "
+                f"{', '.join(t for t in networks if t not in loaded) or 'none'}")
+    return networks
 
 
 def evaluate_tasks(evaluators: Mapping[str, Any], path: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:

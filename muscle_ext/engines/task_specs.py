@@ -11,18 +11,24 @@ A spec names the task's kind and data; the rest has defaults::
 
 Settings of every kind (:data:`COMMON_KEYS`):
 
-- ``kind`` (required): ``classification``, ``segmentation`` or ``regression`` (``detection``: not yet);
+- ``kind`` (required): ``classification``, ``segmentation``, ``regression`` or ``detection``;
 - ``datalist`` (required): a MONAI datalist JSON (decathlon style, paths relative to the file), with the sections
   ``train_split`` (default ``training``), ``val_split`` (default ``validation``) and, for ``configs/evaluate.yaml``,
   ``test_split`` (default ``test``);
 - ``steps``: iterations per visit of this task (default: the run's ``steps_per_visit``);
 - ``loss_weight``: multiplies the task's loss (default 1.0);
-- ``flip``: random left-right flips in training (default false: chests are not symmetric; true suits knees, hands).
+- ``flip``: random left-right flips in training (default false: chests are not symmetric; true suits knees, hands);
+- ``on_bad_data``: ``raise`` or ``skip`` for this task's datalist (default: the run's ``on_bad_data``).
 
 Per kind (:data:`KIND_KEYS`): classification ``num_classes`` (default 2) or ``classes`` (class names, one per
 output; labels are the indices 0..n-1); segmentation ``mask_key`` (the datalist key of the mask file, default
 ``label``; binary: anything above 0 is foreground); regression ``label_mean`` / ``label_std`` (the target is trained
-as ``(label - label_mean) / label_std``; default: the mean and standard deviation of the training labels).
+as ``(label - label_mean) / label_std``; default: the mean and standard deviation of the training labels);
+detection ``classes`` / ``num_classes`` (box classes; each item has ``box``: ``[[x1, y1, x2, y2], ...]`` in pixels of
+its file and ``label``: one class index per box, as the downstream bundle's detection datalists), ``anchor_shapes``
+(``[rows, cols]`` anchor shapes on the finest pyramid level at 256 px, scaled with the image size; default
+``[[32, 32], [48, 24], [24, 48]]``) and ``returned_layers`` (the backbone stages under the feature pyramid, default
+``[2, 3, 4]``).
 
 What each kind gets (heads on the one shared backbone, :mod:`muscle_ext.networks`), and how it is validated:
 
@@ -30,7 +36,11 @@ What each kind gets (heads on the one shared backbone, :mod:`muscle_ext.networks
 - segmentation: DeepLabV3+ at output stride 32 (``BackboneSegmenter``), Dice + cross-entropy; Dice ``<task>_dice``
   (higher is better);
 - regression: a linear head (``BackboneRegressor``), L1 on the scaled target; mean absolute error ``<task>_mae`` in
-  the labels' unit (lower is better).
+  the labels' unit (lower is better);
+- detection: RetinaNet (a feature pyramid and MONAI's ``RetinaNetDetector`` on the backbone, as the downstream
+  bundle's), focal + box-regression loss; COCO mAP over IoU 0.50:0.95 ``<task>_map`` (higher is better; AP50 is
+  logged beside it as ``<task>_map_ap50``). Its batches are lists (images carry different numbers of boxes), and its
+  pre-processing keeps the whole image (longest side to the image size, padded), so the boxes stay inside.
 
 :func:`parse_task_specs` checks the specs and the selected ``tasks`` without reading any data. The factory that
 builds the task networks, data loaders and evaluators from them is :mod:`muscle_ext.engines.task_set`. Problems are
@@ -57,11 +67,14 @@ __all__ = ["COMMON_KEYS", "KINDS", "KIND_KEYS", "METRIC_SUFFIX", "SPLITS", "Task
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("classification", "segmentation", "regression")
-COMMON_KEYS = ("kind", "datalist", "train_split", "val_split", "test_split", "steps", "loss_weight", "flip")
+KINDS = ("classification", "segmentation", "regression", "detection")
+COMMON_KEYS = ("kind", "datalist", "train_split", "val_split", "test_split", "steps", "loss_weight", "flip",
+               "on_bad_data")
 KIND_KEYS = {"classification": ("classes", "num_classes"), "segmentation": ("mask_key",),
-             "regression": ("label_mean", "label_std")}
-METRIC_SUFFIX = {"classification": "auc", "segmentation": "dice", "regression": "mae"}
+             "regression": ("label_mean", "label_std"),
+             "detection": ("classes", "num_classes", "anchor_shapes", "returned_layers")}
+METRIC_SUFFIX = {"classification": "auc", "segmentation": "dice", "regression": "mae", "detection": "map"}
+DEFAULT_ANCHOR_SHAPES = ((32.0, 32.0), (48.0, 24.0), (24.0, 48.0))  # (rows, cols) at 256 px: the downstream bundle's
 SPLITS = {"training": "train_split", "validation": "val_split", "test": "test_split"}  # split -> TaskSpec field
 
 
@@ -78,11 +91,19 @@ class TaskSpec:
     steps: int = 1
     loss_weight: float = 1.0
     flip: bool = False
-    num_classes: int = 2          # classification outputs; segmentation: background + foreground
+    on_bad_data: str | None = None   # None: the run's setting
+    num_classes: int = 2          # classification outputs, detection box classes; segmentation: background + foreground
     classes: tuple[str, ...] | None = None
     mask_key: str = "label"
     label_mean: float | None = None
     label_std: float | None = None
+    anchor_shapes: tuple[tuple[float, float], ...] = DEFAULT_ANCHOR_SHAPES
+    returned_layers: tuple[int, ...] = (2, 3, 4)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The classes' names (``classes``, else ``class_0`` ...)."""
+        return list(self.classes) if self.classes else [f"class_{i}" for i in range(self.num_classes)]
 
     @property
     def metric(self) -> str:
@@ -124,8 +145,6 @@ def _check_spec(name: str, spec: Any, steps_per_visit: int) -> tuple[TaskSpec | 
         return None, [f"{where} must be a mapping such as {{'kind': 'classification', 'datalist': "
                       f"'/data/x/datalist.json'}}, got {spec!r}"]
     kind = spec.get("kind")
-    if kind == "detection":
-        return None, [f"{where}: kind 'detection' is not supported yet (issue #15); kinds: {', '.join(KINDS)}"]
     if kind not in KINDS:
         what = "has no kind" if kind is None else f"has kind {kind!r}"
         return None, [f"{where} {what}; set kind to one of {', '.join(KINDS)}{_suggest(kind, KINDS)}"]
@@ -160,22 +179,30 @@ def _check_spec(name: str, spec: Any, steps_per_visit: int) -> tuple[TaskSpec | 
             fields["flip"] = as_flag(spec["flip"], f"{where}#flip")
         except ValueError:
             problems.append(f"{where}: flip must be true or false, got {spec['flip']!r}")
+    if "on_bad_data" in spec:
+        if spec["on_bad_data"] not in ("raise", "skip"):
+            problems.append(f"{where}: on_bad_data must be raise or skip, got {spec['on_bad_data']!r}")
+        else:
+            fields["on_bad_data"] = spec["on_bad_data"]
 
-    if kind == "classification":
+    if kind in ("classification", "detection"):
+        least = 2 if kind == "classification" else 1  # a detector may find boxes of one class
         classes, count = spec.get("classes"), spec.get("num_classes")
-        if count is not None and (not _is_int(count) or count < 2):
-            problems.append(f"{where}: num_classes must be a whole number >= 2, got {count!r}")
+        if count is not None and (not _is_int(count) or count < least):
+            problems.append(f"{where}: num_classes must be a whole number >= {least}, got {count!r}")
             count = None
         if classes is not None:
-            if (not isinstance(classes, (list, tuple)) or len(classes) < 2
+            if (not isinstance(classes, (list, tuple)) or len(classes) < least
                     or len({str(c) for c in classes}) != len(classes)):
-                problems.append(f"{where}: classes must list at least 2 distinct class names (label i is the i-th), "
-                                f"got {classes!r}")
+                problems.append(f"{where}: classes must list at least {least} distinct class names (label i is the "
+                                f"i-th), got {classes!r}")
             elif count is not None and count != len(classes):
                 problems.append(f"{where}: num_classes {count} but {len(classes)} classes {list(classes)}")
             else:
                 fields["classes"], count = tuple(str(c) for c in classes), len(classes)
         fields["num_classes"] = int(count) if count is not None else 2
+        if kind == "detection":
+            problems += _check_detector(where, spec, fields)
     elif kind == "segmentation":
         mask_key = spec.get("mask_key", "label")
         if not isinstance(mask_key, str) or not mask_key or mask_key == "image":
@@ -194,6 +221,28 @@ def _check_spec(name: str, spec: Any, steps_per_visit: int) -> tuple[TaskSpec | 
             else:
                 fields[key] = float(value)
     return (TaskSpec(**fields) if not problems else None), problems
+
+
+def _check_detector(where: str, spec: Mapping[str, Any], fields: dict[str, Any]) -> list[str]:
+    problems = []
+    shapes = spec.get("anchor_shapes")
+    if shapes is not None:
+        if (not isinstance(shapes, (list, tuple)) or not shapes
+                or not all(isinstance(s, (list, tuple)) and len(s) == 2 and all(_is_number(v) and v > 0 for v in s)
+                           for s in shapes)):
+            problems.append(f"{where}: anchor_shapes must list [rows, cols] pairs of positive numbers (pixels at 256 "
+                            f"px), e.g. [[32, 32], [48, 24]], got {shapes!r}")
+        else:
+            fields["anchor_shapes"] = tuple((float(r), float(c)) for r, c in shapes)
+    layers = spec.get("returned_layers")
+    if layers is not None:
+        if (not isinstance(layers, (list, tuple)) or not layers
+                or not all(_is_int(k) and 1 <= k <= 4 for k in layers) or len(set(layers)) != len(layers)):
+            problems.append(f"{where}: returned_layers must list distinct backbone stages 1..4, e.g. [2, 3, 4], "
+                            f"got {layers!r}")
+        else:
+            fields["returned_layers"] = tuple(sorted(int(k) for k in layers))
+    return problems
 
 
 def _task_names(tasks: Any) -> list[str] | None:

@@ -10,11 +10,13 @@ from muscle_ext.handlers.checkpointing import (
     ResumeDataPosition,
     RNGStates,
     RunFinished,
+    checkpoint_file,
     latest_checkpoint,
     resume_checkpoint,
 )
 from muscle_ext.handlers.detection_report import DetectionReport
 from muscle_ext.handlers.evaluation import ClassificationReport, EvaluationReport, RegressionReport, SegmentationReport
+from muscle_ext.handlers.guardrails import Guardrails
 from muscle_ext.handlers.knn_monitor import KNNMonitor
 from muscle_ext.handlers.memorization import CrossTaskMemorization, EWCMemorization, FeatureDistillation
 from muscle_ext.handlers.metric_history import MetricHistory
@@ -48,6 +50,7 @@ __all__ = [
     "BackboneExporter",
     "BestModelSaver",
     "BoxColumns",
+    "Guardrails",
     "ClassificationReport",
     "DetectionReport",
     "CrossTaskMemorization",
@@ -69,6 +72,7 @@ __all__ = [
     "ResumableCheckpoint",
     "ResumeDataPosition",
     "RunFinished",
+    "checkpoint_file",
     "latest_checkpoint",
     "resume_checkpoint",
     "PARENT_RUN_ENV",

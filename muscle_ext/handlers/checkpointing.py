@@ -18,7 +18,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from ..settings import SettingsError
 
 __all__ = ["KeyMetricState", "RNGStates", "ResumableCheckpoint", "ResumeDataPosition", "RunFinished",
-           "latest_checkpoint", "resume_checkpoint"]
+           "checkpoint_file", "latest_checkpoint", "resume_checkpoint"]
 
 _log = logging.getLogger(__name__)
 
@@ -81,6 +81,24 @@ def latest_checkpoint(folder: str | Path, prefix: str = "checkpoint", key: str =
             continue
         candidates.append((iteration, mtime, str(path)))
     return max(candidates)[2] if candidates else None
+
+
+def checkpoint_file(path: str | Path | None, setting: str = "checkpoint") -> str | None:
+    """``path`` itself when it is a file, the newest checkpoint (:func:`latest_checkpoint`) when it is a folder,
+    ``None`` for ``None``/empty.
+
+    Raises:
+        FileNotFoundError: neither a file nor a folder with a checkpoint; the message names ``setting``.
+    """
+    if not path:
+        return None
+    if Path(path).is_file():
+        return str(path)
+    found = latest_checkpoint(path) if Path(path).is_dir() else None
+    if found is None:
+        raise FileNotFoundError(f"--{setting}: {path} is neither a checkpoint file nor a folder holding one "
+                                "(checkpoint_<iteration>.pt)")
+    return found
 
 
 class RunFinished(SystemExit):

@@ -30,6 +30,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
+from ..engines.continual import JointSchedule
 from ..engines.events import TaskEvents
 from ..networks import backbone_feature_maps
 from ..networks.regularizers import (
@@ -66,6 +67,10 @@ class _Memorization:
     def attach(self, engine: Engine) -> None:
         if self.weight == 0:
             return
+        if isinstance(getattr(engine, "schedule", None), JointSchedule):
+            raise ValueError(f"{type(self).__name__}: the joint schedule trains every task in every step, there are "
+                             "no task visits to remember across; set its weight to 0 (task_mixing joint is the "
+                             "baseline without memorization)")
         engine.add_event_handler(TaskEvents.TASK_STARTED, self._visit_started)
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self._add_penalty)
 
@@ -189,7 +194,7 @@ class EWCMemorization(_Memorization):
 
         def loss_of_batch(batch: Any) -> torch.Tensor:
             inputs, targets, *_ = task.prepare_batch(batch, engine.state.device, engine.non_blocking)
-            return task.loss_function(network(inputs), targets).mean()
+            return task.forward_loss(inputs, targets)[1]
 
         with torch.enable_grad():
             fisher = diagonal_fisher(self.params(), loss_of_batch,

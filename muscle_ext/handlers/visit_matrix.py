@@ -16,6 +16,7 @@ from typing import Any
 import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
+from ..engines.continual import JOINT
 from ..engines.events import TaskEvents
 from ..metrics.continual import continual_metrics
 
@@ -112,7 +113,8 @@ class VisitMatrix:
         names = getattr(self, "metric_names", {})
         higher = {t: names.get(t) not in self.lower_is_better for t in tasks}
         initial = [self.initial.get(t, math.nan) for t in tasks] if self.initial else None
-        return continual_metrics([[row[t] for t in tasks] for row in self.rows], [row["task"] for row in self.rows],
+        visits = [tasks if row["task"] == JOINT else row["task"] for row in self.rows]  # a joint visit trains all
+        return continual_metrics([[row[t] for t in tasks] for row in self.rows], visits,
                                  tasks, initial=initial, higher_is_better=higher)
 
     def write(self) -> None:

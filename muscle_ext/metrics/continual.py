@@ -12,6 +12,9 @@ schedule that may visit a task several times (MUSCLE's cyclic rounds):
 - forward transfer of task ``t``: its score right before its first visit minus its score before any training
   (``initial``): what the earlier tasks did for it before it was trained.
 
+A visit may train several tasks at once (the joint multi-task baseline: every task in every visit): its entry in
+``visits`` is then the sequence of those tasks, and each of them counts it as its own visit.
+
 For metrics where lower is better (an error such as MAE) pass ``higher_is_better=False``: every difference is then
 taken so that positive means better (BWT, FWT) or worse (forgetting) as above.
 """
@@ -30,7 +33,7 @@ def _nanmean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def continual_metrics(scores: Sequence[Sequence[float]], visits: Sequence[str], tasks: Sequence[str],
+def continual_metrics(scores: Sequence[Sequence[float]], visits: Sequence[str | Sequence[str]], tasks: Sequence[str],
                       initial: Sequence[float] | None = None,
                       higher_is_better: bool | Mapping[str, bool] = True) -> dict:
     """Summaries of the accuracy matrix.
@@ -38,7 +41,7 @@ def continual_metrics(scores: Sequence[Sequence[float]], visits: Sequence[str], 
     Args:
         scores: ``R`` of shape ``(len(visits), len(tasks))``: row ``v`` holds every task's score after visit ``v``
             (NaN where a score is undefined).
-        visits: the task trained at each visit, in order.
+        visits: the task trained at each visit, in order (a sequence of tasks for a visit that trains several).
         tasks: the column names.
         initial: every task's score before any training (same order as ``tasks``), for forward transfer.
         higher_is_better: one flag, or one per task.
@@ -54,7 +57,8 @@ def continual_metrics(scores: Sequence[Sequence[float]], visits: Sequence[str], 
     tasks = list(tasks)
     if matrix.shape != (len(visits), len(tasks)):
         raise ValueError(f"scores have shape {matrix.shape}, expected (visits, tasks) = ({len(visits)}, {len(tasks)})")
-    unknown = sorted(set(visits) - set(tasks))
+    trained = [{v} if isinstance(v, str) else set(v) for v in visits]
+    unknown = sorted(set().union(*trained) - set(tasks)) if trained else []
     if unknown:
         raise ValueError(f"visits name tasks {unknown} that are not columns {tasks}")
     signs = {t: 1.0 if (higher_is_better[t] if isinstance(higher_is_better, Mapping) else higher_is_better)
@@ -63,7 +67,7 @@ def continual_metrics(scores: Sequence[Sequence[float]], visits: Sequence[str], 
     per_task: dict[str, dict] = {}
     for j, task in enumerate(tasks):
         sign = signs[task]
-        own = [v for v, name in enumerate(visits) if name == task]
+        own = [v for v, names in enumerate(trained) if task in names]
         final = float(final_row[j])
         entry: dict = {"final": final, "after_own_last_visit": None, "bwt": None, "forgetting": None, "fwt": None}
         if own:

@@ -1,6 +1,6 @@
 """The main job as stages: a preset (a YAML file naming each bundle's configs, overrides and the downstream tasks)
 and a data folder become the list of :class:`~muscle_ext.pipeline.runner.Stage` objects that ``muscle reproduce``
-runs: MD-MoCo pre-training -> continual learning from it (one stage per variant: MUSCLE, MUSCLE--) -> for every
+runs: MD-MoCo pre-training -> continual learning from it (one stage per variant: MUSCLE, MUSCLE--, joint) -> for every
 downstream task and every starting point, fine-tuning then evaluation on the task's test split.
 
 A preset's keys (``presets/quick.yaml`` is the reference):
