@@ -13,6 +13,7 @@ Kinds (a string; ``" or null"`` at the end also accepts ``None``):
 - ``int``, ``int >= 0``, ``int >= 1``, ``int > 0``: a whole number (not a bool, not ``2.0``), with an optional bound;
 - ``number``, ``number > 0``, ``number >= 0``: an int or float, finite, with an optional bound;
 - ``fraction``: a number from 0 to 1;
+- ``share``: a number above 0, at most 1 (a part that cannot be empty, e.g. a label fraction);
 - ``flag``: a yes/no value as :func:`muscle_ext.flags.as_flag` reads it (``true``/``false``, ``yes``/``no``, ...);
 - ``names``: a non-empty list of distinct, non-empty strings (class names, task names);
 - ``ints``: a non-empty list of whole numbers; ``list``: any list; ``dict``: a mapping;
@@ -132,6 +133,10 @@ def check_setting(name: str, value: Any, kind: str) -> str | None:
     if match:
         op, bound = match.group(2), None if match.group(3) is None else float(match.group(3))
         return _check_number(name, value, match.group(1) == "int", op, bound, _describe(base) + or_null)
+    if base == "share":  # a part of a whole that cannot be empty: (0, 1]
+        return _check_number(name, value, False, ">", 0.0, _describe(base) + or_null) or (
+            None if value <= 1 else f"{name} must be {_describe(base)}{or_null}, got {value!r}; type it as e.g. "
+                                    f"--{name} 0.1")
     if base == "fraction":
         return _check_number(name, value, False, ">=", 0.0, _describe(base) + or_null) or (
             None if value <= 1 else f"{name} must be {_describe(base)}{or_null}, got {value!r}; type it as e.g. "
@@ -188,7 +193,8 @@ def _describe(base: str) -> str:
         return what if match.group(2) is None else f"{what} {match.group(2)} {match.group(3)}"
     if base.startswith("one of "):
         return "one of " + ", ".join(c.strip() for c in base[len("one of "):].split("|"))
-    return {"fraction": "a number from 0 to 1", "flag": "true or false", "names": "a list of distinct names",
+    return {"fraction": "a number from 0 to 1", "share": "a number above 0, at most 1", "flag": "true or false",
+            "names": "a list of distinct names",
             "ints": "a list of whole numbers", "list": "a list", "dict": "a mapping",
             "path": "a file or folder path"}.get(base, base)
 

@@ -34,6 +34,8 @@ from muscle_ext.metrics import (
     to_positive_prob,
 )
 from muscle_ext.metrics._arrays import to_numpy
+from muscle_ext.metrics.bootstrap import bootstrap_ci, ci_dict
+from muscle_ext.metrics.calibration import expected_calibration_error, reliability_curve
 from muscle_ext.metrics.report import write_case_scores, write_report
 
 __all__ = ["ClassificationReport", "EvaluationReport", "RegressionReport", "SegmentationReport"]
@@ -151,15 +153,17 @@ class EvaluationReport:
 
 
 class ClassificationReport(EvaluationReport):
-    """Binary classification: accuracy, sensitivity, specificity and ROC AUC with CIs, confusion matrix; figures
-    ``roc_curve.png`` and ``confusion_matrix.png``.
+    """Binary classification: accuracy, sensitivity, specificity and ROC AUC with CIs, confusion matrix, and the
+    calibration of the positive-class probability (expected calibration error ``ece`` with its CI, 10 equal-width
+    bins, and the reliability curve; :mod:`muscle_ext.metrics.calibration`); figures ``roc_curve.png``,
+    ``confusion_matrix.png`` and ``reliability.png``.
 
     Predictions are class probabilities ``(2,)`` (or the positive-class probability), labels class indices or
     one-hot vectors. ``threshold`` applies to the positive-class probability.
     """
 
     task = "classification"
-    summary_metrics = ("accuracy", "sensitivity", "specificity", "roc_auc")
+    summary_metrics = ("accuracy", "sensitivity", "specificity", "roc_auc", "ece")
 
     def __init__(self, output_dir: str | os.PathLike, threshold: float = 0.5,
                  class_names: Sequence[str] = ("negative", "positive"), **kwargs: Any) -> None:
@@ -174,8 +178,11 @@ class ClassificationReport(EvaluationReport):
 
     def compute(self) -> dict[str, Any]:
         probs = to_positive_prob(np.stack(self.preds))
-        report = binary_classification_report(np.stack(self.labels), probs, self.threshold, self.n_resamples,
-                                              self.seed, self.alpha)
+        labels = np.stack(self.labels)
+        report = binary_classification_report(labels, probs, self.threshold, self.n_resamples, self.seed, self.alpha)
+        report["ece"] = ci_dict(bootstrap_ci(expected_calibration_error, labels, probs, self.n_resamples, self.alpha,
+                                             self.seed, stratified=True))
+        report["reliability"] = reliability_curve(labels, probs)
         report["class_names"] = self.class_names
         return report
 
@@ -183,12 +190,14 @@ class ClassificationReport(EvaluationReport):
         return {"label": np.stack(self.labels), "score": to_positive_prob(np.stack(self.preds))}
 
     def figures(self, report: Mapping[str, Any], folder: Path) -> list[Path]:
-        from muscle_ext.metrics.plots import plot_confusion_matrix, plot_roc_curve
+        from muscle_ext.metrics.plots import plot_confusion_matrix, plot_reliability, plot_roc_curve
 
         probs = to_positive_prob(np.stack(self.preds))
         auc = report["roc_auc"]
         paths = [plot_confusion_matrix(report["confusion_matrix"], folder / "confusion_matrix.png", self.class_names,
-                                       title=f"{self.split}: threshold {self.threshold:g}")]
+                                       title=f"{self.split}: threshold {self.threshold:g}"),
+                 plot_reliability(report["reliability"], folder / "reliability.png", report["ece"]["value"],
+                                  title=f"Reliability ({self.split})")]
         if all(math.isfinite(v) for v in (auc["value"], auc["ci_low"], auc["ci_high"])):
             paths.append(plot_roc_curve(np.stack(self.labels), probs, folder / "roc_curve.png",
                                         title=f"ROC ({self.split})", auc_ci=(auc["ci_low"], auc["ci_high"])))

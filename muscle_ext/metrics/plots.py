@@ -15,8 +15,8 @@ from numpy.typing import ArrayLike
 
 from muscle_ext.metrics.classification import roc_auc, roc_curve, to_positive_prob
 
-__all__ = ["plot_confusion_matrix", "plot_embedding_maps", "plot_regression_scatter", "plot_roc_curve",
-           "plot_roc_curves", "plot_segmentation_overlay"]
+__all__ = ["plot_confusion_matrix", "plot_embedding_maps", "plot_regression_scatter", "plot_reliability",
+           "plot_roc_curve", "plot_roc_curves", "plot_segmentation_overlay"]
 
 
 def _pyplot():
@@ -59,6 +59,23 @@ def plot_roc_curves(curves: Mapping[str, tuple[ArrayLike, ArrayLike, Sequence[fl
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity", ylabel="sensitivity", title=title)
     ax.legend(loc="lower right", fontsize=8 if len(curves) > 1 else None)
+    return _save(fig, path)
+
+
+def plot_reliability(curve: Mapping[str, Sequence[float]], path: str | os.PathLike, ece: float | None = None,
+                     title: str = "Reliability") -> Path:
+    """Reliability diagram of :func:`~muscle_ext.metrics.calibration.reliability_curve` (``{"predicted",
+    "observed", "count"}``): observed positive rate against mean predicted probability per bin, marker area by
+    count, the diagonal of perfect calibration; the ECE in the title when given."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    counts = np.asarray(curve["count"], dtype=float)
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.plot(curve["predicted"], curve["observed"], lw=1.5)
+    ax.scatter(curve["predicted"], curve["observed"], s=20 + 180 * counts / max(counts.max(), 1), zorder=3)
+    label = title if ece is None else f"{title} (ECE {ece:.3f})"
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability", ylabel="observed positive rate",
+           title=label)
     return _save(fig, path)
 
 

@@ -29,8 +29,8 @@ from ..metrics import paired_difference
 __all__ = ["HEADLINE", "build_report"]
 
 # the metrics shown per task kind (evaluate's metrics.json keys); the first one is the headline for comparisons
-HEADLINE = {"classification": ("roc_auc", "accuracy", "sensitivity", "specificity"), "segmentation": ("dice", "miou"),
-            "regression": ("mae", "rmse"), "detection": ("map", "ap50")}
+HEADLINE = {"classification": ("roc_auc", "accuracy", "sensitivity", "specificity", "ece"),
+            "segmentation": ("dice", "miou"), "regression": ("mae", "rmse"), "detection": ("map", "ap50")}
 LOWER_IS_BETTER = {"mae", "rmse"}
 NAMES = {"scratch": "Scratch", "imagenet": "ImageNet", "md_moco": "MD-MoCo", "muscle_minus": "MUSCLE--",
          "joint": "Joint multi-task", "muscle": "MUSCLE"}
