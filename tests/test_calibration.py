@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -92,3 +94,38 @@ def test_the_classification_report_carries_ece_and_the_reliability_figure(tmp_pa
     assert report.scalars(out)["test_ece"] == out["ece"]["value"]
     figures = report.figures(out, tmp_path)
     assert (tmp_path / "reliability.png") in figures and (tmp_path / "reliability.png").stat().st_size > 1000
+
+
+def test_subgroup_metrics_equal_the_metrics_of_the_filtered_datalist(tmp_path):
+    """A report by subgroup (issue #17): each row is what a report on that value's items alone gives."""
+    from muscle_ext.handlers import ClassificationReport, RegressionReport
+
+    rng = np.random.default_rng(5)
+    y, p = _overconfident(n=240, seed=5)
+    items = [{"image": f"{i}.png", "dataset": ["nih", "site2", "site3"][int(rng.integers(0, 3))],
+              "sex": "F" if i % 3 else "M"} for i in range(len(y))]
+    items[7].pop("sex")
+
+    def report_on(subset: list[int], **kwargs) -> ClassificationReport:
+        report = ClassificationReport(tmp_path, n_resamples=40, **kwargs)
+        for i in subset:
+            report.add({"pred": np.array([1 - p[i], p[i]]), "label": np.eye(2)[y[i]]})
+        return report
+
+    whole = report_on(range(len(y)), subgroups=["dataset", "sex"], items=items, min_group_size=70)
+    tables = whole.subgroup_tables()
+    assert [row["value"] for row in tables["sex"]] == ["F", "M", "missing"]
+    for field, rows in tables.items():
+        assert sum(row["n"] for row in rows) == len(y)
+        for row in rows:
+            chosen = [i for i, item in enumerate(items) if str(item.get(field, "missing")) == row["value"]]
+            alone = report_on(chosen).compute()
+            assert row["n"] == len(chosen)
+            for metric in ("roc_auc", "accuracy", "ece"):  # NaN (AUC of one class) equal to NaN
+                assert json.dumps(row[metric]) == json.dumps(alone[metric]), (field, row["value"], metric)
+            assert ("warning" in row) == (len(chosen) < 70)
+    assert len(whole.preds) == len(y)  # the report's own data is restored
+    with pytest.raises(ValueError, match="would name patients, files or labels"):
+        RegressionReport(tmp_path, subgroups=["patient_id"], items=items)
+    with pytest.raises(ValueError, match="need the evaluated datalist entries"):
+        RegressionReport(tmp_path, subgroups=["sex"])

@@ -11,6 +11,11 @@ Per image, a report writes only ``<output_dir>/per_case.csv`` (one row per evalu
 ``index`` = row number among the evaluated items, then the task's scores, e.g. label and positive-class
 probability; ``metrics.json`` names it) for paired comparisons of two models on the same split, and the overlay
 figures. No file names: reports stay free of patient identifiers.
+
+Subgroups: with ``subgroups`` (datalist fields, e.g. ``dataset``, ``sex``, ``view``) and the evaluated ``items``, the
+report also holds ``subgroups``: per field and value, the task's summary metrics with their CIs computed on that
+value's items alone (the same computation as on a datalist filtered to them), ``n``, and a warning where ``n`` is
+below ``min_group_size`` (too few to say anything). Fields that identify patients or files are refused.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from muscle_ext.metrics.bootstrap import bootstrap_ci, ci_dict
 from muscle_ext.metrics.calibration import expected_calibration_error, reliability_curve
 from muscle_ext.metrics.report import write_case_scores, write_report
 
+from .privacy import PrivacyFilter
+
 __all__ = ["ClassificationReport", "EvaluationReport", "RegressionReport", "SegmentationReport"]
 
 logger = logging.getLogger(__name__)
@@ -63,6 +70,14 @@ class EvaluationReport:
         n_resamples, alpha, seed: percentile bootstrap settings (``1 - alpha`` intervals, paired across metrics).
         metric_prefix: prefix of the scalars put into ``engine.state.metrics``.
         per_case_filename: the per-image scores (``None``: not written), for tasks that define them.
+        subgroups: datalist fields to report metrics by (one table per field, a row per value; an item without the
+            field counts as ``missing``).
+        items: the evaluated datalist entries, in the evaluator's order (needed with ``subgroups``).
+        min_group_size: a subgroup smaller than this gets a warning in its row and in the log.
+
+    Raises:
+        ValueError: a subgroup field that identifies patients or files (``patient_id``, ``image``, ...) or the
+            label, or ``subgroups`` without ``items``.
     """
 
     task = "generic"
@@ -71,7 +86,8 @@ class EvaluationReport:
     def __init__(self, output_dir: str | os.PathLike, filename: str = "metrics.json", figure_dir: str = "figures",
                  pred_key: str = "pred", label_key: str = "label", split: str = "test", n_resamples: int = 1000,
                  alpha: float = 0.05, seed: int = 0, metric_prefix: str = "test_",
-                 per_case_filename: str | None = "per_case.csv") -> None:
+                 per_case_filename: str | None = "per_case.csv", subgroups: Sequence[str] = (),
+                 items: Sequence[Mapping] | None = None, min_group_size: int = 30) -> None:
         self.output_dir = Path(output_dir)
         self.filename = filename
         self.figure_dir = figure_dir
@@ -83,6 +99,16 @@ class EvaluationReport:
         self.seed = int(seed)
         self.metric_prefix = metric_prefix
         self.per_case_filename = per_case_filename
+        self.subgroups = [str(k) for k in subgroups]
+        self.items = None if items is None else list(items)
+        self.min_group_size = int(min_group_size)
+        privacy = PrivacyFilter()
+        refused = [k for k in self.subgroups if privacy.is_sensitive_key(k) or k in ("image", label_key, pred_key)]
+        if refused:
+            raise ValueError(f"subgroups: {', '.join(refused)} would name patients, files or labels in the report; "
+                             "group by a field such as dataset, sex, view or age_band")
+        if self.subgroups and self.items is None:
+            raise ValueError("subgroups need the evaluated datalist entries (items)")
         self.report: dict[str, Any] | None = None
         self.reset()
 
@@ -129,6 +155,8 @@ class EvaluationReport:
             raise RuntimeError(f"{type(self).__name__}: the evaluator produced no predictions (empty {self.split} "
                                "split?)")
         report = self.compute()
+        if self.subgroups:
+            report["subgroups"] = self.subgroup_tables()
         folder = self.output_dir / self.figure_dir
         folder.mkdir(parents=True, exist_ok=True)
         figures = [p.relative_to(self.output_dir).as_posix() for p in self.figures(report, folder)]
@@ -141,6 +169,38 @@ class EvaluationReport:
         engine.state.metrics.update(self.scalars(report))
         logger.info(f"{self.task} report on {report.get('n')} {self.split} images written to {path}")
         return payload
+
+    def subgroup_tables(self) -> dict[str, list[dict[str, Any]]]:
+        """``{field: [{"value", "n", <summary metric>: {value, ci_low, ci_high}, ..., "warning"}]}``, each row
+        computed by :meth:`compute` on that value's items only, rows in order of decreasing ``n``."""
+        if len(self.items) != len(self.preds):
+            raise RuntimeError(f"subgroups: {len(self.preds)} items were evaluated but the datalist has "
+                               f"{len(self.items)}: subgroups need one process evaluating the split in datalist order")
+        preds, labels = self.preds, self.labels
+        tables: dict[str, list[dict[str, Any]]] = {}
+        try:
+            for field in self.subgroups:
+                values = [str(item.get(field, "missing")) for item in self.items]
+                rows = []
+                for value in sorted(set(values), key=lambda v: (-values.count(v), v)):
+                    chosen = [i for i, v in enumerate(values) if v == value]
+                    self.preds, self.labels = [preds[i] for i in chosen], [labels[i] for i in chosen]
+                    try:
+                        metrics = self.compute()
+                    except ValueError as exc:  # e.g. a group with one class: say so in its row
+                        metrics = {"error": str(exc)}
+                    row = {"value": value, "n": len(chosen),
+                           **{k: metrics[k] for k in self.summary_metrics if k in metrics}}
+                    if "error" in metrics:
+                        row["error"] = metrics["error"]
+                    if len(chosen) < self.min_group_size:
+                        row["warning"] = f"n = {len(chosen)} < {self.min_group_size}: too few to compare"
+                        logger.warning(f"subgroup {field} = {value}: only {len(chosen)} {self.split} items")
+                    rows.append(row)
+                tables[field] = rows
+        finally:
+            self.preds, self.labels = preds, labels
+        return tables
 
     def scalars(self, report: Mapping[str, Any]) -> dict[str, float]:
         out = {}
