@@ -101,7 +101,10 @@ def test_synthetic_preset_end_to_end_reuses_reruns_and_reports(tmp_path, capsys,
     assert len(runs) == 1 + 3 + 2 * n_tuned + n_embed and len(children) == len(runs) - 1
     job = client.get_run(job_id)
     assert job.info.status == "FINISHED" and job.data.tags[f"stage.{last}"] == "done"
-    assert [a.path for a in client.list_artifacts(job_id)] == ["report.md"]
+    assert [a.path for a in client.list_artifacts(job_id)] == ["report.html", "report.md"]
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and "<table>" in page and '<img alt="' in page
+    assert "<blockquote>" in page and "SYNTHETIC PHANTOMS" in page  # the warning stands out
 
     # the same command again: every stage reused, nothing runs
     began = time.monotonic()
@@ -216,7 +219,8 @@ def test_report_tables_from_fixed_files(tmp_path):
         auc = {"scratch": 1.0, "md_moco": 1.0, "muscle": 0.9}[start]
         (folder / "metrics.json").write_text(json.dumps({
             "task": "classification", "n": 20, "roc_auc": {"value": auc, "ci_low": auc - 0.1, "ci_high": 1.0},
-            "accuracy": {"value": 0.75, "ci_low": 0.5, "ci_high": 0.9}, "sensitivity": 0.8, "specificity": None}))
+            "accuracy": {"value": 0.75, "ci_low": 0.5, "ci_high": 0.9}, "sensitivity": 0.8, "specificity": None,
+            "ece": 0.12}))
         stages.append(stage)
     continual = _write_stage(tmp_path, "muscle", "continual", variant="muscle")
     (Path(continual["output_dir"]) / "forgetting.json").write_text(json.dumps(
@@ -237,18 +241,21 @@ def test_report_tables_from_fixed_files(tmp_path):
     (tmp_path / "pipeline.json").write_text(json.dumps({"preset": "fixed", "description": "fixed files",
                                                         "data_name": "xray", "seed": 0, "stages": stages}))
     report = build_report(tmp_path, n_resamples=200).read_text().splitlines()
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("<table>") == 3 and '<img alt="ROC curves of every start' in page and "<h2>pneumonia" in page
     start = report.index("## pneumonia (classification, test n = 20)")
     assert report[start + 2:start + 7] == [
-        "| start | roc_auc | accuracy | sensitivity | specificity | Δ roc_auc vs Scratch | Δ roc_auc vs MD-MoCo |",
-        "|---|---|---|---|---|---|---|",
-        "| Scratch | 1.000 [0.900, 1.000] | 0.750 [0.500, 0.900] | 0.800 | n/a |  | 0.000 [0.000, 0.000] |",
-        "| MD-MoCo | 1.000 [0.900, 1.000] | 0.750 [0.500, 0.900] | 0.800 | n/a | 0.000 [0.000, 0.000] |  |",
+        "| start | roc_auc | accuracy | sensitivity | specificity | ece | Δ roc_auc vs Scratch | "
+        "Δ roc_auc vs MD-MoCo |",
+        "|---|---|---|---|---|---|---|---|",
+        "| Scratch | 1.000 [0.900, 1.000] | 0.750 [0.500, 0.900] | 0.800 | n/a | 0.120 |  | 0.000 [0.000, 0.000] |",
+        "| MD-MoCo | 1.000 [0.900, 1.000] | 0.750 [0.500, 0.900] | 0.800 | n/a | 0.120 | 0.000 [0.000, 0.000] |  |",
         report[start + 6],
     ]
     muscle_row = report[start + 6].split(" | ")
     assert muscle_row[0] == "| MUSCLE" and muscle_row[1] == "0.900 [0.800, 1.000]"
     # paired, from the per-case files (not from the reported 0.900): 81 of 100 pairs ranked right, AUC 0.81
-    assert muscle_row[5].startswith("-0.190 [") and muscle_row[6].startswith("-0.190 [")
+    assert muscle_row[6].startswith("-0.190 [") and muscle_row[7].startswith("-0.190 [")
     verdict = report[start + 8]
     assert verdict.startswith("Does the paper's ranking hold here? MD-MoCo above Scratch: no (0.000 [0.000, 0.000]; "
                               "the interval includes 0: cannot tell)")

@@ -4,7 +4,8 @@
 ``MUSCLE_PARENT_RUN_ID`` (:data:`muscle_ext.handlers.PARENT_RUN_ENV`), so each stage's training and evaluation runs
 are its children in one experiment: the comparison is one row in the MLflow UI, opened into its stages. A resumed or
 repeated job reopens the same run (its id is kept in ``<out>/job_run.json``). At the end the run gets each stage's
-status and wall time, and ``report.md``. Tracking never stops the job: an unreachable store costs a warning.
+status and wall time, and ``report.md`` with ``report.html``. Tracking never stops the job: an unreachable store
+costs a warning.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class JobRun:
                     client.log_metric(self.run_id, f"{name}_wall_s", float(state["wall_s"]))
             if report is not None and Path(report).is_file():
                 client.log_artifact(self.run_id, str(report))
+                page = Path(report).with_suffix(".html")  # the same report as a page (figures stay in the folder)
+                if page.is_file():
+                    client.log_artifact(self.run_id, str(page))
             client.set_terminated(self.run_id, status=status)
         except Exception as exc:
             logger.warning("could not log the job's outcome to MLflow (%s)", exc)

@@ -138,7 +138,7 @@ def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
              "being this folder).",
              "Test metrics with 95 % percentile bootstrap intervals; Δ: paired difference over the same test cases."]
     if pipeline.get("warning"):
-        lines += ["", f"**{pipeline['warning']}**"]
+        lines += ["", f"> **{pipeline['warning']}**"]
 
     tasks: dict[str, dict[str, dict]] = {}
     for stage in stages:
@@ -233,5 +233,46 @@ def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
         for command in states[stage["name"]].get("commands", []):
             lines.append(f"- {stage['name']}: `{command['command']}`")
     path = root / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    write_html(text, root / "report.html", title=f"MUSCLE: {pipeline.get('preset', 'main job')} report")
+    return path
+
+
+_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>
+body {{ font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 72rem;
+       padding: 0 1rem; color: #1b1f24; line-height: 1.45; }}
+h1, h2 {{ border-bottom: 1px solid #d0d7de; padding-bottom: .3rem; }}
+table {{ border-collapse: collapse; margin: 1rem 0; font-size: .9rem; }}
+th, td {{ border: 1px solid #d0d7de; padding: .35rem .6rem; text-align: left; }}
+th {{ background: #f6f8fa; }}
+tr:nth-child(even) td {{ background: #fbfcfd; }}
+img {{ max-width: 100%; border: 1px solid #eaeef2; margin: .5rem 0; }}
+code {{ background: #f6f8fa; padding: .1rem .3rem; border-radius: 4px; font-size: .85rem; word-break: break-all; }}
+blockquote {{ background: #fff8c5; border-left: 4px solid #d4a72c; margin: 1rem 0; padding: .5rem 1rem; }}
+</style>
+</head>
+<body>
+{body}
+</body>
+</html>
+"""
+
+
+def write_html(markdown_text: str, path: str | os.PathLike, title: str = "MUSCLE report") -> Path:
+    """The report as one self-contained HTML page (Python-Markdown with its ``tables`` extension; figures and logs
+    stay relative links into the job's folder, as in ``report.md``); returns its path."""
+    import html
+
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables"], output_format="html")
+    path = Path(path)
+    path.write_text(_PAGE.format(title=html.escape(title), body=body))
     return path
