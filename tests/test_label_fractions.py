@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from muscle_ext.data import label_fraction_subset, load_datalist
+from muscle_ext.data import k_shot_subset, label_fraction_subset, load_datalist
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +70,33 @@ def test_masks_without_patients_draw_items_in_one_stratum(xray_root):
 def test_a_fraction_outside_0_1_is_refused(pneumonia, fraction):
     with pytest.raises(ValueError, match="label fraction must be a number in"):
         label_fraction_subset(pneumonia, fraction)
+
+
+def test_k_shot_sets_are_stratified_nested_and_never_touch_the_evaluation_cases(xray_root):
+    """The new site's few labelled cases (issue #20): pneumonia_site2's training split as the pool, its test split
+    as the evaluation cases; one of them is planted in the pool to check it is never drawn."""
+    pool = load_datalist(xray_root / "pneumonia_site2" / "datalist.json", "training")
+    evaluation = load_datalist(xray_root / "pneumonia_site2" / "datalist.json", "test")
+    planted = [*pool, {**evaluation[0]}]
+    sets = {k: k_shot_subset(planted, k, seed=2, exclude=evaluation) for k in (5, 10, 20)}
+    for k, chosen in sets.items():
+        patients = Counter(label for label, _ in {(i["label"], i["patient_id"]) for i in chosen})
+        assert patients == {0: k, 1: k}, patients
+        assert evaluation[0]["image"] not in {i["image"] for i in chosen}
+    images = [{i["image"] for i in sets[k]} for k in (5, 10, 20)]
+    assert images[0] < images[1] < images[2]
+    assert [i["image"] for i in k_shot_subset(planted, 5, seed=2, exclude=evaluation)] == \
+        [i["image"] for i in sets[5]]
+    assert {i["image"] for i in k_shot_subset(planted, 5, seed=3, exclude=evaluation)} != images[0]
+    with pytest.raises(ValueError, match="k must be a whole number"):
+        k_shot_subset(pool, 0)
+
+
+def test_k_shot_counts_patients_and_excludes_a_shared_patient(pneumonia):
+    evaluation = [pneumonia[0]]
+    chosen = k_shot_subset(pneumonia, 3, seed=0, exclude=evaluation)
+    assert pneumonia[0]["patient_id"] not in _patients(chosen)
+    per_class: dict[int, set[str]] = {}
+    for item in chosen:
+        per_class.setdefault(item["label"], set()).add(item["patient_id"])
+    assert {label: len(p) for label, p in per_class.items()} == {0: 3, 1: 3}

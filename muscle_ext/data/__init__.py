@@ -17,7 +17,7 @@ from .datalist import (
     write_datalist,
 )
 from .datasets import make_dataset, pool_datasets, split_by_key
-from .label_fractions import label_fraction_subset
+from .label_fractions import k_shot_subset, label_fraction_subset
 from .readers import LoadXRayd, XRayReader, XRayReadError, read_mask, read_xray, xray_format
 from .sampling import DrawSeededDataset, PooledSampler, dataset_weights
 from .transforms import CLAHE, AddTagsd, CLAHEd, SquarePixelResize, SquarePixelResized, xray_preprocessing
@@ -38,6 +38,7 @@ __all__ = [
     "XRayReadError",
     "XRayReader",
     "backbone_input_loader",
+    "k_shot_subset",
     "label_fraction_subset",
     "case_id",
     "datalist_from_class_folders",

@@ -6,6 +6,7 @@ Modules: ``backbone`` (build, save, load), ``resnet_utils`` (stages, channels, s
 ``regularizers``.
 """
 
+from .adaptation import adapt_batchnorm
 from .backbone import (
     BACKBONE_FORMAT,
     RESNET_LAYERS,
@@ -69,6 +70,7 @@ __all__ = [
     "STAGES",
     "SplitBatchNorm2d",
     "TrainedSettings",
+    "adapt_batchnorm",
     "backbone_feature_dim",
     "backbone_feature_maps",
     "build_backbone",
