@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -131,3 +132,31 @@ def test_evaluate_and_inference_configs(tmp_path, xray_root):
     exported = load_backbone_checkpoint(tmp_path / "emb" / "backbone.pt")
     reference = load_backbone_checkpoint(backbone)
     assert all(torch.equal(v, exported["state_dict"][k]) for k, v in reference["state_dict"].items())
+
+
+def test_pretraining_continues_a_backbone_on_a_hospitals_own_images(tmp_path, xray_root, start):
+    """Continual pre-training: a MUSCLE/MD-MoCo backbone (here the test's `start` file) continued by MoCo on a
+    hospital's own unlabelled images (pneumonia_site2 stands in); the result keeps the start's constructor
+    arguments, says where it started, and its weights stay near the start's (a fresh random init would not)."""
+    import mlflow
+    import torch.nn.functional as F
+
+    overrides = tiny(tmp_path, xray_root, num_epochs=1, init="checkpoint", init_weights=start, use_tracking="true",
+                     pretrain_datalist=xray_root / "pneumonia_site2" / "datalist.json")
+    run_bundle("muscle_pretrain", TRAIN, overrides)
+    payload = load_backbone_checkpoint(tmp_path / "models" / "backbone.pt")
+    assert payload["source"]["init"] == "checkpoint" and payload["backbone_kwargs"] == {"imagenet_stem": True}
+    assert payload["settings"]["init"] == "checkpoint" and payload["settings"]["init_weights"]
+    before = load_backbone_checkpoint(start)["state_dict"]
+
+    def similarity(key: str, other: dict) -> float:
+        return float(F.cosine_similarity(payload["state_dict"][key].flatten(), other[key].flatten(), dim=0))
+
+    assert similarity("layer3.0.conv1.weight", before) > 0.9
+    from muscle_ext.networks import build_backbone
+
+    torch.manual_seed(1)
+    assert abs(similarity("layer3.0.conv1.weight", build_backbone("resnet18", imagenet_stem=True).state_dict())) < 0.2
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlruns.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert any("mdmocorun7" in json.dumps(run.data.tags) for run in runs)  # lineage: the run it continued
