@@ -226,11 +226,12 @@ COMBINATIONS: tuple[Requires, ...] = (
     Requires("guardrail_margin", ("init_heads",), lambda v: bool(v["init_heads"]),
              "--init_heads <the earlier run's checkpoint> (the guardrails are the tasks it trained)",
              workflows=("train",)),
-    Requires("init_heads", ("init", "validate_every_visit"),
-             lambda v: v["init"] == "checkpoint" and _flag(v, "validate_every_visit") is not False,
-             "--init checkpoint (--init_weights: the backbone.pt of the same run) and --validate_every_visit true "
-             "(the guardrail table compares each task's score before training with its final one)",
+    Requires("init_heads", ("init",), lambda v: v["init"] == "checkpoint",
+             "--init checkpoint (--init_weights: the backbone.pt of the same run the heads come from)",
              workflows=("train",)),
+    Requires("init_heads", ("validate_every_visit",), lambda v: _flag(v, "validate_every_visit") is not False,
+             "--validate_every_visit true (the guardrail table compares each task's score before training with its "
+             "final one)", workflows=("train",)),
     Requires("input_dir", ("input_datalist",), lambda v: not v["input_datalist"],
              "no --input_datalist (a datalist names its own files)", workflows=("inference",)),
     Requires("input_section", ("input_datalist",), lambda v: bool(v["input_datalist"]),
@@ -238,6 +239,9 @@ COMBINATIONS: tuple[Requires, ...] = (
 )
 """Settings that a combination of other settings ignores. Given on the command line in that combination, the run
 stops: the user asked for something the run would not do."""
+
+NOT_MORE_THAN: tuple[tuple[str, str], ...] = (("warmup_epochs", "num_epochs"), ("warmup_rounds", "rounds"))
+"""``(a, b)``: setting ``a`` may not exceed setting ``b`` (a warm-up longer than the training it warms up)."""
 
 WEIGHTS_FILES = {"train": "init_weights", "evaluate": "backbone_path"}  # the file that init checkpoint/imagenet reads
 
@@ -256,8 +260,18 @@ def combination_problems(values: Mapping[str, Any], given: Sequence[str], workfl
         except (KeyError, TypeError):
             continue
         now = ", ".join(f"{r} {_typed(values[r])}" for r in rule.reads)
-        problems.append(f"--{rule.setting} is ignored with {now}: it is read only with {rule.needs}; add that, or "
-                        f"leave --{rule.setting} out")
+        problems.append(f"--{rule.setting} is ignored with {now}: it is read only with {rule.needs}; leave "
+                        f"--{rule.setting} out, or switch to that")
+    for short, long in NOT_MORE_THAN:
+        if workflow != "train" or short not in values or long not in values:
+            continue
+        try:
+            if float(values[short]) > float(values[long]):
+                problems.append(f"--{short} {_typed(values[short])} is more than --{long} {_typed(values[long])}: "
+                                f"the warm-up would outlast the training; lower --{short} (e.g. --{short} 0) or raise "
+                                f"--{long}")
+        except (TypeError, ValueError):
+            continue  # mistyped: the type check reports it
     weights = WEIGHTS_FILES.get(workflow)
     if weights in values and values.get("init") in ("checkpoint", "imagenet"):
         path = values[weights]

@@ -52,7 +52,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out).absolute()
     stages = build_stages(preset, args.data, out, imagenet_weights=args.imagenet_weights, seed=args.seed,
-                          experiment_name=JOB_EXPERIMENT)
+                          experiment_name=JOB_EXPERIMENT, nproc_per_node=args.nproc_per_node)
     StageRunner.check(stages)  # a setting no bundle has stops here, before anything runs
     repository = Path(__file__).resolve().parents[1]
     # the report's commands name no folder of this machine: <data>, <out>, and bundle paths from the repository root
@@ -167,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     reproduce.add_argument("--imagenet-weights", help="a local torchvision/timm ResNet state dict: adds the ImageNet "
                            "start (nothing is downloaded)")
     reproduce.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
+    reproduce.add_argument("--nproc-per-node", type=int, help="train every stage under torchrun with this many "
+                           "processes (one per GPU; default: the preset's own, else 1)")
     reproduce.add_argument("--dry-run", action="store_true", help="print what would run (or be reused), run "
                            "nothing (the synthetic preset still writes its phantoms)")
     reproduce.set_defaults(run=_reproduce)

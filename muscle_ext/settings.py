@@ -23,6 +23,7 @@ Kinds (a string; ``" or null"`` at the end also accepts ``None``):
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import numbers
@@ -182,7 +183,9 @@ def check_setting(name: str, value: Any, kind: str) -> str | None:
         choices = [c.strip() for c in base[len("one of "):].split("|")]
         if isinstance(value, str) and value in choices:
             return None
-        return f"{name} must be {_describe(base)}{or_null}, got {_shown(value)}; type it as e.g. --{name} {choices[0]}"
+        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
+        fix = f"did you mean --{name} {close[0]}?" if close else f"type it as e.g. --{name} {choices[0]}"
+        return f"{name} must be {_describe(base)}{or_null}, got {_shown(value)}; {fix}"
     raise ValueError(f"unknown kind {kind!r} for setting {name!r}")
 
 

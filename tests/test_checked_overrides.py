@@ -137,8 +137,8 @@ def test_the_knn_monitor_is_switched_off_by_name_not_by_a_missing_file():
 
     off = {"knn_monitor": "false", "monitor_datalist": "/data/monitor.json"}
     assert combination_problems(off, ["knn_monitor", "monitor_datalist"]) == [
-        "--monitor_datalist is ignored with knn_monitor false: it is read only with --knn_monitor true; add that, or "
-        "leave --monitor_datalist out"]
+        "--monitor_datalist is ignored with knn_monitor false: it is read only with --knn_monitor true; leave "
+        "--monitor_datalist out, or switch to that"]
     assert combination_problems({**off, "knn_monitor": True}, ["monitor_datalist"]) == []
 
 
@@ -197,10 +197,18 @@ def test_override_ids_nested_additions_and_components():
         "'track' was renamed: use --use_tracking no"]
 
 
+def test_a_warm_up_longer_than_the_training_is_refused():
+    assert combination_problems({"warmup_epochs": 5, "num_epochs": 1}, []) == [
+        "--warmup_epochs 5 is more than --num_epochs 1: the warm-up would outlast the training; lower --warmup_epochs "
+        "(e.g. --warmup_epochs 0) or raise --num_epochs"]
+    assert combination_problems({"warmup_rounds": 1, "rounds": 1}, []) == []
+    assert combination_problems({"warmup_epochs": 5, "num_epochs": 1}, [], workflow="evaluate") == []
+
+
 def test_combinations_that_ignore_a_setting():
     assert combination_problems({"init": "scratch"}, ["init_weights"]) == [
         "--init_weights is ignored with init scratch: it is read only with --init checkpoint (a muscle-backbone/1 "
-        "file) or --init imagenet (a torchvision/timm ResNet state dict); add that, or leave --init_weights out"]
+        "file) or --init imagenet (a torchvision/timm ResNet state dict); leave --init_weights out, or switch to that"]
     assert combination_problems({"init": "checkpoint", "init_weights": __file__}, ["init_weights"]) == []
     assert combination_problems({"init": "checkpoint", "init_weights": None}, [])[0].startswith(
         "init checkpoint reads its weights from --init_weights, got no file")

@@ -163,7 +163,7 @@ def test_no_data_and_unknown_presets_say_what_to_do(tmp_path, capsys, xray_root)
     assert main(["reproduce", "--out", str(tmp_path / "x")]) == 2
     assert "Point --data at a folder with the preset's datalists" in capsys.readouterr().err
     assert main(["reproduce", "--preset", "quik", "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
-    assert "unknown preset 'quik'; the presets are: quick, synthetic" in capsys.readouterr().err
+    assert "unknown preset 'quik'; the presets are: full, quick, synthetic" in capsys.readouterr().err
     assert main(["reproduce", "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert f"no datalist at {tmp_path}/pretrain_datalist.json" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
@@ -294,3 +294,32 @@ def test_status_flags_stages_run_with_other_code(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     flagged = [line.split()[0] for line in lines[1:4] if "muscle_ext changed since" in line]
     assert flagged == ["muscle"] and "1 stage(s) ran with other muscle_ext code" in lines[-1]
+
+
+def test_full_preset_trains_under_torchrun_and_evaluates_in_one_process(xray_root, tmp_path, capsys):
+    """The full preset's plan (nothing runs): every training command under torchrun with the bundle's multi-GPU
+    config, evaluation and detection fine-tuning in one process, the report's command lines naming torchrun; the
+    command line's --nproc-per-node sets every section; the settings pass the bundles' own checks."""
+    from muscle_ext.pipeline import StageRunner, printable
+
+    stages = build_stages(load_preset("full"), xray_root, tmp_path / "full")
+    StageRunner.check(stages)
+    assert [s.name for s in stages][:4] == ["md_moco", "muscle", "muscle_minus", "joint"] and len(stages) == 24
+    for stage in stages:
+        train, *evaluate = stage.commands
+        detection = "detection.yaml" in train.configs
+        assert train.nproc_per_node == (1 if detection else 4), stage.name
+        assert ("multi_gpu_train.yaml" in train.configs) == (not detection)
+        assert all(c.nproc_per_node == 1 and "multi_gpu_train.yaml" not in c.configs for c in evaluate)
+    argv = stages[0].commands[0].argv()
+    assert argv[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert printable(argv).startswith("torchrun --standalone --nproc_per_node=4 -m monai.bundle run")
+    two = build_stages(load_preset("full"), xray_root, tmp_path / "full", nproc_per_node=2)
+    assert {c.nproc_per_node for s in two for c in s.commands} == {1, 2}
+    single = build_stages(load_preset("quick"), xray_root, tmp_path / "quick")
+    assert all(c.nproc_per_node == 1 and "torch.distributed.run" not in c.argv() for s in single for c in s.commands)
+    with pytest.raises(SettingsError, match="nproc_per_node must be a whole number >= 1"):
+        build_stages(load_preset("full"), xray_root, tmp_path / "full", nproc_per_node=0)
+    assert main(["reproduce", "--preset", "full", "--data", str(xray_root), "--out", str(tmp_path / "dry"),
+                 "--nproc-per-node", "2", "--dry-run"]) == 0
+    assert "torchrun --standalone --nproc_per_node=2 -m monai.bundle run" in capsys.readouterr().out

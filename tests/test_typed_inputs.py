@@ -142,7 +142,11 @@ def test_numbers_are_checked_with_how_to_type_them(value, kind, problem):
     ("maybe", "flag", "class_names must be true or false, got the string 'maybe'; type it as --class_names true or "
                       "--class_names false"),
     ("Memory", "one of none|memory|disk", "class_names must be one of none, memory, disk, got the string 'Memory'; "
-                                          "type it as e.g. --class_names none"),
+                                          "did you mean --class_names memory?"),
+    ("jiont", "one of cyclic|joint", "class_names must be one of cyclic, joint, got the string 'jiont'; did you mean "
+                                     "--class_names joint?"),
+    ("xyz", "one of cyclic|joint", "class_names must be one of cyclic, joint, got the string 'xyz'; type it as e.g. "
+                                   "--class_names cyclic"),
 ])
 def test_lists_and_other_kinds_are_checked(value, kind, problem):
     assert check_setting("class_names", value, kind) == problem

@@ -23,6 +23,7 @@ cases it is given.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["k_shot_subset", "label_fraction_subset"]
+
+logger = logging.getLogger(__name__)
 
 
 def _stable_seed(seed: int, stratum: str) -> list[int]:
@@ -109,6 +112,10 @@ def label_fraction_subset(items: Sequence[Mapping[str, Any]], fraction: float, s
     for keys in strata.values():
         count = min(len(keys), max(int(min_per_class), math.ceil(float(fraction) * len(keys))))
         kept += [i for key in keys[:count] for i in groups[key]]
+    patients = sum(min(len(keys), max(int(min_per_class), math.ceil(float(fraction) * len(keys))))
+                   for keys in strata.values())
+    logger.info(f"label fraction {float(fraction):g} (seed {seed}): {len(kept)} of {len(items)} training items, "
+                f"{patients} of {len(groups)} patients")
     return [items[i] for i in sorted(kept)]
 
 

@@ -420,7 +420,7 @@ def load_task_heads(networks: nn.ModuleDict, backbone: nn.Module, checkpoint: st
             continue
         backbone_keys = [k for k, v in entries.items() if id(v) in shared]
         head_keys = [k for k in entries if k not in set(backbone_keys)]
-        for key in backbone_keys:
+        for key in backbone_keys if not problems else ():  # the backbone is shared: one mismatch says it all
             if key in saved and not torch.allclose(saved[key].float(), entries[key].detach().float().cpu(), atol=atol,
                                                    rtol=0.0):
                 problems.append(f"init_heads: {checkpoint} holds another backbone than init_weights (first difference "

@@ -42,6 +42,7 @@ from muscle_ext.metrics._arrays import to_numpy
 from muscle_ext.metrics.bootstrap import bootstrap_ci, ci_dict
 from muscle_ext.metrics.calibration import expected_calibration_error, reliability_curve
 from muscle_ext.metrics.report import write_case_scores, write_report
+from muscle_ext.settings import SettingsError
 
 from .privacy import PrivacyFilter
 
@@ -76,8 +77,9 @@ class EvaluationReport:
         min_group_size: a subgroup smaller than this gets a warning in its row and in the log.
 
     Raises:
-        ValueError: a subgroup field that identifies patients or files (``patient_id``, ``image``, ...) or the
-            label, or ``subgroups`` without ``items``.
+        SettingsError: a subgroup field that identifies patients or files (``patient_id``, ``image``, ...) or the
+            label.
+        ValueError: ``subgroups`` without ``items``.
     """
 
     task = "generic"
@@ -105,8 +107,8 @@ class EvaluationReport:
         privacy = PrivacyFilter()
         refused = [k for k in self.subgroups if privacy.is_sensitive_key(k) or k in ("image", label_key, pred_key)]
         if refused:
-            raise ValueError(f"subgroups: {', '.join(refused)} would name patients, files or labels in the report; "
-                             "group by a field such as dataset, sex, view or age_band")
+            raise SettingsError(f"--subgroups: {', '.join(refused)} would name patients, files or labels in the "
+                                "report; group by a field such as dataset, sex, view or age_band")
         if self.subgroups and self.items is None:
             raise ValueError("subgroups need the evaluated datalist entries (items)")
         self.report: dict[str, Any] | None = None

@@ -14,6 +14,10 @@ A preset's keys (``presets/quick.yaml`` is the reference):
 - ``downstream``: ``configs`` merged after the task's config (e.g. ``quick.yaml``), ``overrides`` for fine-tuning,
   ``starts`` (``scratch``, ``imagenet``, ``md_moco`` or a continual variant), ``tasks`` (``{name: {config,
   datalist, overrides}}``; ``config`` is a task config of ``bundles/downstream``);
+- ``nproc_per_node`` (optional, in ``pretrain``, ``continual`` and ``downstream``): train under ``torchrun`` with
+  that many processes (one per GPU), the bundle's ``multi_gpu_train.yaml`` merged after its training config;
+  ``muscle reproduce --nproc-per-node N`` sets it for every section. Evaluation stays one process, and detection
+  fine-tuning too (its downstream multi-GPU config does not cover detection);
 - ``embedding_map`` (optional): ``datalist``, ``section`` and ``color_by`` (an item key, e.g. ``body_part``): each
   pre-trained start's backbone embeds that section (``muscle_pretrain``'s ``inference.yaml``, one stage per start)
   and the report draws a t-SNE map of each, coloured by ``color_by``.
@@ -38,8 +42,9 @@ __all__ = ["PRESETS", "build_stages", "load_preset"]
 
 PRESETS = Path(__file__).with_name("presets")
 PRESET_KEYS = ("description", "warning", "synthetic", "pretrain", "continual", "downstream", "embedding_map")
-SECTION_KEYS = {"pretrain": ("configs", "overrides"), "continual": ("configs", "overrides", "variants"),
-                "downstream": ("configs", "overrides", "starts", "tasks"),
+SECTION_KEYS = {"pretrain": ("configs", "overrides", "nproc_per_node"),
+                "continual": ("configs", "overrides", "variants", "nproc_per_node"),
+                "downstream": ("configs", "overrides", "starts", "tasks", "nproc_per_node"),
                 "embedding_map": ("datalist", "section", "color_by")}
 TASK_KEYS = ("config", "datalist", "overrides")
 
@@ -106,15 +111,32 @@ def _json_inputs(overrides: Mapping[str, Any]) -> tuple[Path, ...]:
     return tuple(p for p in _datalists(overrides) if p.is_file())
 
 
+def _processes(section: Mapping[str, Any], override: int | None, where: str) -> int:
+    value = override if override is not None else section.get("nproc_per_node", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SettingsError(f"{where}#nproc_per_node must be a whole number >= 1 (processes per node), got {value!r}")
+    return value
+
+
+def _multi_gpu(configs: tuple[str, ...], after: str, nproc: int) -> tuple[str, ...]:
+    """``configs`` with ``multi_gpu_train.yaml`` right after ``after`` (the training config) when ``nproc > 1``."""
+    if nproc == 1 or "multi_gpu_train.yaml" in configs:
+        return configs
+    index = configs.index(after) + 1
+    return (*configs[:index], "multi_gpu_train.yaml", *configs[index:])
+
+
 def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | os.PathLike,
                  imagenet_weights: str | os.PathLike | None = None, seed: int = 0,
-                 experiment_name: str | None = None) -> list[Stage]:
+                 experiment_name: str | None = None, nproc_per_node: int | None = None) -> list[Stage]:
     """The stages of ``preset`` on ``data``, with their folders under ``out`` (see the module docstring).
-    ``seed`` and ``experiment_name`` (the MLflow experiment; default: each bundle's own) go to every bundle run.
+    ``seed`` and ``experiment_name`` (the MLflow experiment; default: each bundle's own) go to every bundle run;
+    ``nproc_per_node`` (default: each section's own, else 1) trains every section under ``torchrun``.
 
     Raises:
         FileNotFoundError: a datalist the preset names is missing under ``data`` (named, with what to do).
-        SettingsError: a start that no stage makes (e.g. ``imagenet`` without ``imagenet_weights``).
+        SettingsError: a start that no stage makes (e.g. ``imagenet`` without ``imagenet_weights``), or a process
+            count that is not a whole number >= 1.
     """
     data, out = Path(data).resolve(), Path(out).absolute()
     preset = _fill(dict(preset), data)
@@ -135,9 +157,12 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
         raise SettingsError(f"continual variant name {clash[0]!r} is taken (by a start or a folder of the job); "
                             "rename the variant")
 
+    nproc = {name: _processes(section, nproc_per_node, name)
+             for name, section in (("pretrain", pre), ("continual", cont), ("downstream", down))}
     pre_overrides = {**pre.get("overrides", {}), **common, "output_dir": out / "md_moco"}
-    stages.append(Stage("md_moco", out / "md_moco", [BundleCommand("muscle_pretrain", tuple(pre["configs"]),
-                                                                   pre_overrides)],
+    pre_configs = _multi_gpu(tuple(pre["configs"]), "train.yaml", nproc["pretrain"])
+    stages.append(Stage("md_moco", out / "md_moco", [BundleCommand("muscle_pretrain", pre_configs, pre_overrides,
+                                                                   nproc["pretrain"])],
                         inputs=_json_inputs(pre_overrides), outputs=("models/backbone.pt",),
                         description="MD-MoCo pre-training on the pooled images", extra={"kind": "pretrain"}))
     backbones = {"md_moco": out / "md_moco" / "models" / "backbone.pt"}
@@ -145,8 +170,9 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
     for variant, extra in (cont.get("variants") or {}).items():
         overrides = {**cont.get("overrides", {}), **(extra or {}), **common, "init": "checkpoint",
                      "init_weights": backbones["md_moco"], "output_dir": out / variant}
-        stages.append(Stage(variant, out / variant, [BundleCommand("muscle_continual", tuple(cont["configs"]),
-                                                                   overrides)],
+        configs = _multi_gpu(tuple(cont["configs"]), "train.yaml", nproc["continual"])
+        stages.append(Stage(variant, out / variant, [BundleCommand("muscle_continual", configs, overrides,
+                                                                   nproc["continual"])],
                             needs=("md_moco",), inputs=_json_inputs(overrides),
                             outputs=("models/backbone.pt", "forgetting.json"),
                             description=f"continual learning ({variant}) from MD-MoCo",
@@ -177,8 +203,11 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
             elif start != "scratch":
                 init, needs = {"init": "checkpoint", "init_weights": backbones[start]}, (start,)
             where = {"datalist": datalist, "output_dir": folder, **common}
-            train = BundleCommand("downstream", ("common.yaml", spec["config"], *down.get("configs", ())),
-                                  {**down.get("overrides", {}), **spec.get("overrides", {}), **where, **init})
+            processes = 1 if spec["config"] == "detection.yaml" else nproc["downstream"]  # no multi-GPU detection
+            configs = _multi_gpu(("common.yaml", spec["config"], *down.get("configs", ())), spec["config"], processes)
+            train = BundleCommand("downstream", configs,
+                                  {**down.get("overrides", {}), **spec.get("overrides", {}), **where, **init},
+                                  processes)
             evaluate = BundleCommand("downstream", ("common.yaml", spec["config"], "evaluate.yaml"), where)
             stages.append(Stage(name, folder, [train, evaluate], needs=needs, inputs=inputs,
                                 outputs=("metrics.json",), description=f"{task} from {start}",

@@ -43,13 +43,20 @@ class StageFailed(RuntimeError):
     """A bundle command of a stage exited with an error; the message names the stage and its log file."""
 
 
-def bundle_command(bundle: str | os.PathLike, configs: Sequence[str], overrides: Mapping[str, Any]) -> list[str]:
+TORCHRUN = ("-m", "torch.distributed.run")  # torchrun, run by this interpreter
+
+
+def bundle_command(bundle: str | os.PathLike, configs: Sequence[str], overrides: Mapping[str, Any],
+                   nproc_per_node: int = 1) -> list[str]:
     """``python -m monai.bundle run`` of ``bundle``'s ``configs`` (file names in its ``configs/``, merged in order)
-    with ``--key value`` overrides, as a list of arguments."""
+    with ``--key value`` overrides, as a list of arguments; with ``nproc_per_node > 1`` under ``torchrun
+    --standalone --nproc_per_node=N`` (one process per GPU; gloo processes on a CPU), the configs then naming the
+    bundle's ``multi_gpu_train.yaml``."""
     root = Path(bundle)
     files = [str(root / "configs" / c) for c in configs]
     config_file = json.dumps(files) if len(files) > 1 else files[0]  # a list python-fire reads, easy to quote
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_file,
+    launcher = [*TORCHRUN, "--standalone", f"--nproc_per_node={int(nproc_per_node)}"] if nproc_per_node > 1 else []
+    cmd = [sys.executable, *launcher, "-m", "monai.bundle", "run", "--config_file", config_file,
            "--bundle_root", str(root), "--logging_file", str(root / "configs" / "logging.conf")]
     for key, value in overrides.items():
         cmd += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
@@ -62,7 +69,8 @@ def printable(cmd: Sequence[str], placeholders: Mapping[str, str] | None = None)
     names no folder of this machine."""
     import shlex
 
-    text = " ".join(["python", *(shlex.quote(str(c)) for c in cmd[1:])])
+    head, rest = ("torchrun", cmd[3:]) if tuple(cmd[1:3]) == TORCHRUN else ("python", cmd[1:])
+    text = " ".join([head, *(shlex.quote(str(c)) for c in rest)])
     for prefix, placeholder in sorted((placeholders or {}).items(), key=lambda kv: -len(kv[0])):
         text = text.replace(prefix, placeholder)
     return text
@@ -95,6 +103,7 @@ class BundleCommand:
     bundle: str                     # folder name under bundles/: muscle_pretrain, muscle_continual, downstream
     configs: tuple[str, ...]
     overrides: Mapping[str, Any]
+    nproc_per_node: int = 1         # > 1: under torchrun, one process per GPU
 
     def argv(self) -> list[str]:
         """The command line (``python -m monai.bundle run ...``) of this bundle run.
@@ -106,7 +115,7 @@ class BundleCommand:
         if not (root / "configs").is_dir():
             raise FileNotFoundError(f"bundle {self.bundle} not found at {root}: the main job runs the bundles of a "
                                     "source checkout (pip install -e . in a clone of the repository)")
-        return bundle_command(root, self.configs, self.overrides)
+        return bundle_command(root, self.configs, self.overrides, self.nproc_per_node)
 
     def setting_problems(self) -> list[str]:
         """The overrides no config file of this run has (one line each, with did-you-mean), as the bundle's own
@@ -181,8 +190,11 @@ class StageRunner:
         """SHA-256 of what decides the stage's result (see the module docstring)."""
         digest = hashlib.sha256(json.dumps({"code": code_fingerprint(), "name": stage.name}).encode())
         for command in stage.commands:
-            digest.update(json.dumps([command.bundle, list(command.configs),  # overrides: their order means nothing
-                                      {k: str(v) for k, v in command.overrides.items()}], sort_keys=True).encode())
+            described = [command.bundle, list(command.configs),  # overrides: their order means nothing
+                         {k: str(v) for k, v in command.overrides.items()}]
+            if command.nproc_per_node > 1:  # sharded data: another result (single-process fingerprints unchanged)
+                described.append(command.nproc_per_node)
+            digest.update(json.dumps(described, sort_keys=True).encode())
             for config in command.configs:
                 digest.update((REPO_BUNDLES / command.bundle / "configs" / config).read_bytes())
         for need in stage.needs:
