@@ -126,14 +126,15 @@ def test_multi_gpu_train_runs_two_gloo_processes(tmp_path, xray_root, start):
 
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29753", "-m"]
     overrides = {**tiny(tmp_path, xray_root, start, image_size=32, batch_size=4, max_items=12),
-                 "tasks": "['pneumonia','lung']", "use_tracking": False}
+                 "tasks": "['pneumonia','lung','tb']", "use_tracking": False}
     proc = run_bundle("muscle_continual", [*TRAIN, "multi_gpu_train.yaml"], overrides, launcher=launcher, timeout=280)
     log = proc.stdout + proc.stderr
     assert log.count("replicas in sync on 2 processes (largest parameter difference 0)") == 2
-    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["checkpoint_8.pt"]
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["checkpoint_12.pt"]
     assert log.count("backbone saved: backbone.pt") == 1
     matrix = json.loads((tmp_path / "out" / "forgetting.json").read_text())
-    assert len(matrix["visits"]) == 4 and set(matrix["initial"]) == {"pneumonia", "lung"}
+    assert len(matrix["visits"]) == 6 and set(matrix["initial"]) == {"pneumonia", "lung", "tb"}
+    assert all(0 <= row["tb"] <= 1 for row in matrix["visits"])  # detection mAP gathered from both ranks
 
 
 def test_metadata_verifies():
