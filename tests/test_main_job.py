@@ -323,3 +323,31 @@ def test_full_preset_trains_under_torchrun_and_evaluates_in_one_process(xray_roo
     assert main(["reproduce", "--preset", "full", "--data", str(xray_root), "--out", str(tmp_path / "dry"),
                  "--nproc-per-node", "2", "--dry-run"]) == 0
     assert "torchrun --standalone --nproc_per_node=2 -m monai.bundle run" in capsys.readouterr().out
+
+
+def test_report_shows_the_papers_published_numbers_where_the_task_names_them(tmp_path):
+    """A task whose preset entry names the paper's dataset (`paper: tbx`) gets a column with the published ResNet-18
+    values and the footnote on what they are; a task without it gets none."""
+    from muscle_ext.pipeline.paper import PAPER
+
+    stages = []
+    for task, paper in (("tb", "tbx"), ("mine", None)):
+        for start in ("md_moco", "joint", "muscle"):
+            stage = _write_stage(tmp_path, f"{task}_{start}", "downstream", task=task, start=start,
+                                 **({"paper": paper} if paper else {}))
+            (Path(stage["output_dir"]) / "metrics.json").write_text(json.dumps(
+                {"task": "detection", "n": 10, "map": {"value": 0.2, "ci_low": 0.1, "ci_high": 0.3},
+                 "ap50": {"value": 0.4, "ci_low": 0.3, "ci_high": 0.5}}))
+            stages.append(stage)
+    (tmp_path / "pipeline.json").write_text(json.dumps({"preset": "fixed", "data_name": "xray", "seed": 0,
+                                                        "stages": stages}))
+    report = build_report(tmp_path, n_resamples=50).read_text().splitlines()
+    tb = report.index("## tb (detection, test n = 10)")
+    assert report[tb + 2].startswith("| start | map | ap50 | paper (map, ResNet-18) |")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in report[tb + 4:tb + 7]}
+    assert rows["MUSCLE"][3] == f"{PAPER['tbx']['resnet18']['muscle']:.3f}" == "0.367"
+    assert rows["Joint multi-task"][3] == "-"  # the paper has no joint baseline
+    assert any(line.startswith("Paper column: the published ResNet-18 result (Liao et al., MICCAI 2022")
+               for line in report[tb:])
+    mine = report.index("## mine (detection, test n = 10)")
+    assert "paper" not in report[mine + 2]

@@ -13,7 +13,9 @@ A preset's keys (``presets/quick.yaml`` is the reference):
   backbone);
 - ``downstream``: ``configs`` merged after the task's config (e.g. ``quick.yaml``), ``overrides`` for fine-tuning,
   ``starts`` (``scratch``, ``imagenet``, ``md_moco`` or a continual variant), ``tasks`` (``{name: {config,
-  datalist, overrides}}``; ``config`` is a task config of ``bundles/downstream``);
+  datalist, overrides, paper}}``; ``config`` is a task config of ``bundles/downstream``; ``paper``, optional, names
+  the paper's dataset whose published results the report shows beside the task's, a key of
+  :data:`muscle_ext.pipeline.paper.PAPER`);
 - ``nproc_per_node`` (optional, in ``pretrain``, ``continual`` and ``downstream``): train under ``torchrun`` with
   that many processes (one per GPU), the bundle's ``multi_gpu_train.yaml`` merged after its training config;
   ``muscle reproduce --nproc-per-node N`` sets it for every section. Evaluation stays one process, and detection
@@ -46,7 +48,7 @@ SECTION_KEYS = {"pretrain": ("configs", "overrides", "nproc_per_node"),
                 "continual": ("configs", "overrides", "variants", "nproc_per_node"),
                 "downstream": ("configs", "overrides", "starts", "tasks", "nproc_per_node"),
                 "embedding_map": ("datalist", "section", "color_by")}
-TASK_KEYS = ("config", "datalist", "overrides")
+TASK_KEYS = ("config", "datalist", "overrides", "paper")
 
 
 def load_preset(name_or_path: str | os.PathLike) -> dict[str, Any]:
@@ -211,7 +213,8 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
             evaluate = BundleCommand("downstream", ("common.yaml", spec["config"], "evaluate.yaml"), where)
             stages.append(Stage(name, folder, [train, evaluate], needs=needs, inputs=inputs,
                                 outputs=("metrics.json",), description=f"{task} from {start}",
-                                extra={"kind": "downstream", "task": task, "start": start}))
+                                extra={"kind": "downstream", "task": task, "start": start,
+                                       **({"paper": spec["paper"]} if spec.get("paper") else {})}))
     mapping = preset.get("embedding_map")
     if mapping:
         datalist = Path(mapping["datalist"])

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..metrics import paired_difference
+from .paper import PAPER, SOURCE, paper_value
 
 __all__ = ["HEADLINE", "build_report"]
 
@@ -156,15 +157,22 @@ def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
             continue
         headline = names[0]
         lower = headline in LOWER_IS_BETTER
-        lines += ["| start | " + " | ".join(names) + f" | Δ {headline} vs Scratch | Δ {headline} vs MD-MoCo |",
-                  "|---|" + "---|" * (len(names) + 2)]
+        paper = next((s.get("paper") for s in by_start.values() if s.get("paper")), None)
+        published = PAPER.get(paper) if paper else None
+        paper_column = [f"paper ({published['metric']}, ResNet-18)"] if published else []
+        lines += ["| start | " + " | ".join([*names, *paper_column]) + f" | Δ {headline} vs Scratch | "
+                  f"Δ {headline} vs MD-MoCo |", "|---|" + "---|" * (len(names) + len(paper_column) + 2)]
         diffs: dict[str, dict[str, dict | None]] = {}
         for start, stage in by_start.items():
             report = metrics.get(start)
             if not report:
-                lines.append(f"| {NAMES.get(start, start)} | " + " | ".join("missing" for _ in names) + " | | |")
+                lines.append(f"| {NAMES.get(start, start)} | " + " | ".join("missing" for _ in [*names, *paper_column])
+                             + " | | |")
                 continue
             row = [NAMES.get(start, start), *(_fmt(report.get(m)) for m in names)]
+            if published:
+                value = paper_value(paper, start)
+                row.append("-" if value is None else f"{value:.3f}")
             diffs[start] = {}
             for reference in ("scratch", "md_moco"):
                 diff = None
@@ -184,6 +192,10 @@ def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
             checks.append(_verdict("MUSCLE at least the joint multi-task baseline", diff, lower, strict=False))
         if checks:
             lines += ["", "Does the paper's ranking hold here? " + "; ".join(checks) + "."]
+        if published:
+            lines += ["", f"Paper column: the published ResNet-18 result ({SOURCE}; {published['note']}): full "
+                          "datasets and training, the paper's own splits and heads. A reference for the ranking, not a "
+                          "target for this run's numbers."]
         if kind == "classification":
             figure = _roc_figure(root, task, {start: by_start[start] for start in metrics if metrics[start]},
                                  metrics)
