@@ -82,6 +82,12 @@ def test_synthetic_preset_end_to_end_reuses_reruns_and_reports(tmp_path, capsys,
         assert "MD-MoCo above Scratch: " in report and "## lungs (segmentation, test n = 24)" in report
     assert report.count("python -m monai.bundle run") == 3 + n_tuned * 2 + n_embed  # each runnable on its own
     assert "![t-SNE maps of the backbone embeddings](figures/embeddings_tsne.png)" in report
+    # training curves of every start, from the stages' own MLflow runs (tagged with their stage)
+    assert "![Training curves of every start on finding: validation val_auc per epoch, training loss]" \
+           "(figures/finding_curves.png)" in report
+    from matplotlib.image import imread
+
+    assert imread(out / "figures" / "finding_curves.png")[..., :3].std() > 0.05
     assert (out / "figures" / "embeddings_tsne.png").is_file() and "coloured by `body_part`" in report
     start = "scratch" if size == "full" else "muscle_minus"
     assert f"--datalist <data>/chest_findings/datalist.json --output_dir <out>/downstream/finding_{start}" in report

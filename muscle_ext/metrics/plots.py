@@ -16,7 +16,7 @@ from numpy.typing import ArrayLike
 from muscle_ext.metrics.classification import roc_auc, roc_curve, to_positive_prob
 
 __all__ = ["plot_confusion_matrix", "plot_embedding_maps", "plot_regression_scatter", "plot_reliability",
-           "plot_roc_curve", "plot_roc_curves", "plot_segmentation_overlay"]
+           "plot_roc_curve", "plot_roc_curves", "plot_segmentation_overlay", "plot_training_curves"]
 
 
 def _pyplot():
@@ -76,6 +76,27 @@ def plot_reliability(curve: Mapping[str, Sequence[float]], path: str | os.PathLi
     label = title if ece is None else f"{title} (ECE {ece:.3f})"
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability", ylabel="observed positive rate",
            title=label)
+    return _save(fig, path)
+
+
+def plot_training_curves(curves: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], path: str | os.PathLike,
+                         validation: str, title: str = "Training") -> Path:
+    """Training curves of several runs side by side: ``{run label: {"validation": [(step, value)], "train_loss":
+    [(step, value)]}}``; left the validation metric (named ``validation``) against its step (epoch), right the
+    training loss against its step (iteration). A run without one of the two is left out of that panel."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, series in curves.items():
+        for ax, key in ((left, "validation"), (right, "train_loss")):
+            points = sorted(series.get(key) or [])
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, marker="." if len(points) < 30 else None, lw=1.5, label=label)
+    left.set(xlabel="epoch", ylabel=validation, title=f"{title}: validation")
+    right.set(xlabel="iteration", ylabel="training loss", title=f"{title}: training loss")
+    for ax in (left, right):
+        if ax.lines:
+            ax.legend(fontsize=8)
     return _save(fig, path)
 
 

@@ -19,6 +19,7 @@ A stage that has not finished is listed as missing; no number is filled in.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -33,6 +34,8 @@ __all__ = ["HEADLINE", "build_report"]
 HEADLINE = {"classification": ("roc_auc", "accuracy", "sensitivity", "specificity", "ece"),
             "segmentation": ("dice", "miou"), "regression": ("mae", "rmse"), "detection": ("map", "ap50")}
 LOWER_IS_BETTER = {"mae", "rmse"}
+logger = logging.getLogger(__name__)
+
 NAMES = {"scratch": "Scratch", "imagenet": "ImageNet", "md_moco": "MD-MoCo", "muscle_minus": "MUSCLE--",
          "joint": "Joint multi-task", "muscle": "MUSCLE"}
 
@@ -78,6 +81,52 @@ def _paired(stage: dict, reference: dict, headline: str, n_resamples: int) -> di
         return paired_difference(mine, theirs, n_resamples).get(headline)
     except ValueError:  # evaluated on other cases (another split or max_items): not comparable case by case
         return None
+
+
+VALIDATION_KEYS = ("val_auc", "val_mean_dice", "val_dice", "val_mae", "val_map")
+
+
+def _stage_runs(root: Path) -> dict[str, Any]:
+    """``{stage name: its training run}`` from the job's MLflow store (runs nested under the job's run and tagged
+    ``muscle.stage``); ``{}`` without a job run or when the store cannot be read (the report then has no curves)."""
+    record = _read_json(root / "job_run.json")
+    if not record or not record.get("run_id") or not record.get("tracking_uri"):
+        return {}
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient(record["tracking_uri"])
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        found = client.search_runs(experiments, filter_string=f"tags.mlflow.parentRunId = '{record['run_id']}' and "
+                                                             "tags.`muscle.workflow` = 'train'")
+        out = {}
+        for run in found:
+            stage = run.data.tags.get("muscle.stage")
+            if stage:
+                keys = [k for k in VALIDATION_KEYS if k in run.data.metrics]
+                out[stage] = {"validation_key": keys[0] if keys else None,
+                              **{name: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+                                 for name, key in (("validation", keys[0] if keys else None),
+                                                   ("train_loss", "train_loss")) if key}}
+        return out
+    except Exception as exc:  # noqa: BLE001 - a report without curves beats no report
+        logger.warning(f"training curves left out: the job's MLflow store could not be read ({exc})")
+        return {}
+
+
+def _curves_figure(root: Path, task: str, stages: dict[str, dict], runs: dict[str, Any]) -> tuple[Path, str] | None:
+    """``(<root>/figures/<task>_curves.png, validation metric)``: every start's validation metric and training loss
+    as its MLflow run logged them, or ``None`` when no run of the task was found."""
+    from ..metrics.plots import plot_training_curves
+
+    curves = {NAMES.get(start, start): runs[stage["name"]] for start, stage in stages.items() if stage["name"] in runs}
+    keys = {c["validation_key"] for c in curves.values() if c.get("validation_key")}
+    if not curves or not keys:
+        return None
+    path = root / "figures" / f"{task}_curves.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = sorted(keys)[0]
+    return plot_training_curves(curves, path, key, title=task), key
 
 
 def _roc_figure(root: Path, task: str, stages: dict[str, dict], metrics: dict[str, dict]) -> Path | None:
@@ -141,6 +190,7 @@ def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
     if pipeline.get("warning"):
         lines += ["", f"> **{pipeline['warning']}**"]
 
+    runs = _stage_runs(root)
     tasks: dict[str, dict[str, dict]] = {}
     for stage in stages:
         if stage.get("kind") == "downstream":
@@ -196,6 +246,10 @@ def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
             lines += ["", f"Paper column: the published ResNet-18 result ({SOURCE}; {published['note']}): full "
                           "datasets and training, the paper's own splits and heads. A reference for the ranking, not a "
                           "target for this run's numbers."]
+        curves = _curves_figure(root, task, {start: by_start[start] for start in metrics if metrics[start]}, runs)
+        if curves is not None:
+            lines += ["", f"![Training curves of every start on {task}: validation {curves[1]} per epoch, training "
+                          f"loss]({curves[0].relative_to(root).as_posix()})"]
         if kind == "classification":
             figure = _roc_figure(root, task, {start: by_start[start] for start in metrics if metrics[start]},
                                  metrics)

@@ -33,6 +33,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ..handlers.tracking.run import STAGE_ENV
+
 __all__ = ["BundleCommand", "Stage", "StageFailed", "StageRunner", "bundle_command", "code_fingerprint", "printable",
            "run_command"]
 
@@ -295,7 +297,9 @@ class StageRunner:
         self._write_state(stage, state)
         for n, command in enumerate(stage.commands, 1):
             log = logs / f"{n}_{command.bundle}.log"
-            result = run_command(command.argv(), log, self.env)
+            # the stage's runs are tagged with its name (muscle.stage): the report finds their curves
+            env = {**(self.env if self.env is not None else os.environ), STAGE_ENV: stage.name}
+            result = run_command(command.argv(), log, env)
             result["command"] = printable(command.argv(), self.placeholders)
             result["log"] = str(log.relative_to(stage.output_dir))
             state["commands"].append(result)

@@ -19,13 +19,14 @@ checkpoints the bundle writes). ``parent_run_id`` (or ``MUSCLE_PARENT_RUN_ID``, 
 from .describe import RunDescription, checkpoint_lineage, describe_run, environment_versions, loss_from_output
 from .handler import TrackingHandler, engine_workflow, plot_history
 from .report import track_report
-from .run import PARENT_RUN_ENV, TrackingRun, global_rank
+from .run import PARENT_RUN_ENV, STAGE_ENV, TrackingRun, global_rank
 from .settings import TRACKING_SETTINGS_PATH, tracking_settings, write_tracking_settings
 from .store import resolve_tracking_uri
 from .writer import ResilientMlflowWriter, http_limits
 
 __all__ = [
     "PARENT_RUN_ENV",
+    "STAGE_ENV",
     "TRACKING_SETTINGS_PATH",
     "ResilientMlflowWriter",
     "RunDescription",

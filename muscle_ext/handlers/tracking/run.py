@@ -29,13 +29,15 @@ import torch
 from .store import create_run, release_client, resolve_tracking_uri
 from .writer import ResilientMlflowWriter
 
-__all__ = ["PARENT_RUN_ENV", "TrackingRun", "global_rank"]
+__all__ = ["PARENT_RUN_ENV", "STAGE_ENV", "TrackingRun", "global_rank"]
 
 logger = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "MUSCLE_PARENT_RUN_ID"
 """A run id in this environment variable nests every run that names no ``parent_run_id`` under that run: the main
 job (``muscle reproduce``) sets it, so each stage's runs are children of the job's run."""
+STAGE_ENV = "MUSCLE_STAGE"
+"""The main job's stage name: a run started with it set is tagged ``muscle.stage`` (the report finds its curves)."""
 _MAX_HISTORY_POINTS = 20_000
 
 
@@ -130,6 +132,8 @@ class TrackingRun:
         self._tmpdir = tempfile.mkdtemp(prefix="muscle-tracking-")
         self._finalizer = weakref.finalize(self, _end, self.writer, self._tmpdir, self._exit_status)
         self.writer.flush()  # create the run now: its id goes into the checkpoints written from here on
+        if os.environ.get(STAGE_ENV):
+            self.writer.set_tags({"muscle.stage": os.environ[STAGE_ENV]})
         return True
 
     def end(self, status: str | None = None) -> dict[str, int]:
