@@ -83,8 +83,10 @@ def _default_datalist(task: str, xray_root: Path) -> Path:
 
 
 EXPECTED = {
-    "pneumonia": (("accuracy", "sensitivity", "specificity", "roc_auc"), {"roc_curve.png", "confusion_matrix.png"}),
-    "knee": (("accuracy", "sensitivity", "specificity", "roc_auc"), {"roc_curve.png", "confusion_matrix.png"}),
+    "pneumonia": (("accuracy", "sensitivity", "specificity", "roc_auc", "ece"),
+                  {"roc_curve.png", "confusion_matrix.png", "reliability.png"}),
+    "knee": (("accuracy", "sensitivity", "specificity", "roc_auc", "ece"),
+             {"roc_curve.png", "confusion_matrix.png", "reliability.png"}),
     "regression": (("mae", "rmse"), {"scatter.png"}),
     "segmentation": (("dice", "miou", "dice_pooled", "miou_pooled"), {f"overlay_{k}.png" for k in range(4)}),
 }
@@ -471,7 +473,8 @@ def test_report_with_one_class_writes_null_auc_and_no_roc(tmp_path):
     engine.run([batch, batch], max_epochs=1)
     metrics = json.loads((tmp_path / "metrics.json").read_text())  # strict JSON: the undefined AUC is null
     assert metrics["n"] == 10 and metrics["roc_auc"]["value"] is None and metrics["sensitivity"]["value"] == 1.0
-    assert metrics["figures"] == ["figures/confusion_matrix.png"] and engine.state.metrics["x_accuracy"] == 1.0
+    assert metrics["figures"] == ["figures/confusion_matrix.png", "figures/reliability.png"]
+    assert engine.state.metrics["x_accuracy"] == 1.0
     rows = (tmp_path / "per_case.csv").read_text().splitlines()
     assert rows[0] == "index,label,score" and len(rows) == 11 and rows[1] == "0,1,0.699999988079071"  # float32 0.7
 
