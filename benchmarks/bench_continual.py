@@ -39,6 +39,8 @@ def run_variant(args: argparse.Namespace, name: str) -> dict:
                  "seed": args.seed, "cache": "memory", "use_tracking": False, **VARIANTS[name]}
     if args.tasks:
         overrides["tasks"] = repr(args.tasks)
+    if args.max_items:
+        overrides["max_items"] = args.max_items
     if name == "muscle":
         overrides["memorization_weight"] = args.memorization_weight
     if name == "joint":  # the joint schedule has no order and no visits: these settings are refused with it
@@ -102,6 +104,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", nargs="+", help="a subset of the bundle's tasks (default: all four)")
+    parser.add_argument("--max-items", type=int, help="at most this many items per split and task (as the quick preset)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["muscle", "muscle_minus", "joint"])
     parser.add_argument("--name", default="continual", help="result files: benchmarks/results/<name>.json/.md")
     args = parser.parse_args()
@@ -111,7 +114,8 @@ def main() -> None:
 
     settings = {"image_size": args.size, "batch_size": args.batch, "rounds": args.rounds, "steps_per_visit": args.steps,
                 "learning_rate": args.lr, "memorization_weight": args.memorization_weight, "seed": args.seed,
-                "arch": "resnet18", "mdmoco": str(args.mdmoco), "tasks": args.tasks or "all"}
+                "arch": "resnet18", "mdmoco": str(args.mdmoco), "tasks": args.tasks or "all",
+                "max_items": args.max_items}
     variants = {name: run_variant(args, name) for name in args.variants}
     path = write_result(args.name, {"settings": settings, "variants": variants})
     (RESULTS / f"{args.name}.md").write_text(markdown(json.loads(path.read_text())))
