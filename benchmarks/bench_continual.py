@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tasks", nargs="+", help="a subset of the bundle's tasks (default: all four)")
-    parser.add_argument("--max-items", type=int, help="at most this many items per split and task (as the quick preset)")
+    parser.add_argument("--max-items", type=int, help="at most this many items per split and task (quick preset: 160)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["muscle", "muscle_minus", "joint"])
     parser.add_argument("--name", default="continual", help="result files: benchmarks/results/<name>.json/.md")
     args = parser.parse_args()
