@@ -144,6 +144,37 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sections(spec: str) -> list[tuple[str, str]]:
+    """``datalist.json`` (every section) or ``datalist.json:section[,section]`` -> [(path, section), ...]."""
+    path, _, wanted = spec.partition(":")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no datalist at {path}")
+    sections = wanted.split(",") if wanted else [k for k, v in json.loads(Path(path).read_text()).items()
+                                                  if isinstance(v, list)]
+    return [(path, section) for section in sections]
+
+
+def _check_leakage(args: argparse.Namespace) -> int:
+    from .data import find_leaks, load_datalist
+
+    reference = [(p, s, i, item) for spec in args.reference for p, s in _sections(spec)
+                 for i, item in enumerate(load_datalist(p, s))]
+    found = 0
+    for spec in args.test:
+        for path, section in _sections(spec):
+            test = load_datalist(path, section)
+            leaks = find_leaks(test, [r[3] for r in reference], threshold=args.threshold,
+                               near_duplicates=not args.no_images)
+            found += len(leaks)
+            print(f"{path}:{section}: {len(test)} entries, {len(leaks)} found in the reference sets")
+            for leak in leaks:  # entry positions and reasons only: no file names or patient ids in the output
+                ref_path, ref_section, ref_index, _ = reference[leak.reference_index]
+                score = f" (r = {leak.correlation})" if leak.reason == "near duplicate" else ""
+                print(f"  entry {leak.test_index} = {ref_path}:{ref_section} entry {ref_index}: {leak.reason}{score}")
+    print(f"{found} leak(s) in all" if found else "no leak found")
+    return 1 if found else 0
+
+
 def _export_zoo(args: argparse.Namespace) -> int:
     from .zoo import export_bundle
 
@@ -178,6 +209,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = verbs.add_parser("report", help="rebuild report.md from a job's finished stages")
     report.add_argument("out")
     report.set_defaults(run=_report)
+    data = verbs.add_parser("data", help="datalist tools")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True)
+    leakage = data_verbs.add_parser("check-leakage", help="evaluation entries that also sit in reference sets (the "
+                                    "same file, a near-duplicate radiograph, the same patient); exit status 1 if any")
+    leakage.add_argument("--test", nargs="+", required=True, help="datalist.json[:section,...] to check (e.g. "
+                         "each task's datalist.json:test)")
+    leakage.add_argument("--reference", nargs="+", required=True, help="datalist.json[:section,...] that must not "
+                         "hold them (the pre-training pool, training sections)")
+    leakage.add_argument("--threshold", type=float, default=0.975, help="thumbnail correlation of a near duplicate")
+    leakage.add_argument("--no-images", action="store_true", help="compare file hashes and patients only")
+    leakage.set_defaults(run=_check_leakage)
     export = verbs.add_parser("export-zoo", help="a bundle folder for the MONAI model zoo, muscle_ext in scripts/")
     export.add_argument("bundle")
     export.add_argument("out")

@@ -18,6 +18,7 @@ from .datalist import (
 )
 from .datasets import make_dataset, pool_datasets, split_by_key
 from .label_fractions import k_shot_subset, label_fraction_subset
+from .leakage import Leak, find_leaks
 from .readers import LoadXRayd, XRayReader, XRayReadError, read_mask, read_xray, xray_format
 from .sampling import DrawSeededDataset, PooledSampler, dataset_weights
 from .transforms import CLAHE, AddTagsd, CLAHEd, SquarePixelResize, SquarePixelResized, xray_preprocessing
@@ -29,6 +30,7 @@ __all__ = [
     "CLAHEd",
     "DatalistError",
     "DrawSeededDataset",
+    "Leak",
     "LoadXRayd",
     "PooledSampler",
     "SquarePixelResize",
@@ -38,6 +40,7 @@ __all__ = [
     "XRayReadError",
     "XRayReader",
     "backbone_input_loader",
+    "find_leaks",
     "k_shot_subset",
     "label_fraction_subset",
     "case_id",
