@@ -157,12 +157,16 @@ def _sections(spec: str) -> list[tuple[str, str]]:
 def _check_leakage(args: argparse.Namespace) -> int:
     from .data import find_leaks, load_datalist
 
+    def entries(path: str, section: str) -> list[dict]:
+        # patient ids are compared within a dataset: entries that name none belong to their datalist's folder
+        return [{"dataset": Path(path).parent.name, **item} for item in load_datalist(path, section)]
+
     reference = [(p, s, i, item) for spec in args.reference for p, s in _sections(spec)
-                 for i, item in enumerate(load_datalist(p, s))]
+                 for i, item in enumerate(entries(p, s))]
     found = 0
     for spec in args.test:
         for path, section in _sections(spec):
-            test = load_datalist(path, section)
+            test = entries(path, section)
             leaks = find_leaks(test, [r[3] for r in reference], threshold=args.threshold,
                                near_duplicates=not args.no_images)
             found += len(leaks)

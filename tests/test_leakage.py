@@ -5,6 +5,7 @@ its reason, and nothing else is."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,3 +47,20 @@ def test_thumbnails_are_normalised_and_the_threshold_is_checked(site2):
     assert float(np.linalg.norm(vector)) == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(ValueError, match="threshold must be in"):
         find_leaks(site2["test"][:1], site2["training"][:1], threshold=1.5)
+
+
+def test_the_command_line_names_entries_not_files_and_exits_1_on_a_leak(site2, xray_root, tmp_path, capsys):
+    import json
+
+    from muscle_ext.cli import main
+
+    datalist = xray_root / "pneumonia_site2" / "datalist.json"
+    planted = tmp_path / "pool.json"
+    planted.write_text(json.dumps({"training": [{"image": site2["test"][4]["image"]}]}))
+    assert main(["data", "check-leakage", "--test", f"{datalist}:test", "--reference", str(planted)]) == 1
+    said = capsys.readouterr().out
+    assert f"{planted}:training entry 0: identical file" in said and "1 leak(s) in all" in said
+    assert "entry 4 = " in said and Path(site2["test"][4]["image"]).name not in said  # no image names
+    assert main(["data", "check-leakage", "--test", f"{datalist}:test", "--reference",
+                 f"{datalist}:training"]) == 0
+    assert main(["data", "check-leakage", "--test", str(tmp_path / "absent.json"), "--reference", str(planted)]) == 2
