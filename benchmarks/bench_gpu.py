@@ -55,6 +55,24 @@ def _timed(step: Callable[[], None], device: torch.device, warmup: int, steps: i
     return statistics.median(seconds)
 
 
+def _trained_step(compute_loss: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer,
+                  dtype: torch.dtype | None, device: torch.device) -> Callable[[], torch.Tensor]:
+    """zero_grad, forward under autocast (``dtype``; none for fp32), backward and step; a GradScaler for fp16 on
+    CUDA. Returns the step, which returns the loss."""
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = compute_loss()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss
+
+    return step
+
+
 def moco_step(arch: str, batch: int, size: int, dtype: torch.dtype | None, channels_last: bool, compile_: bool,
               device: torch.device) -> Callable[[], None]:
     """One MoCo v2 step (both views, queue update), as the pre-training bundle's trainer does it."""
@@ -63,19 +81,20 @@ def moco_step(arch: str, batch: int, size: int, dtype: torch.dtype | None, chann
     moco = MoCo(build_backbone(arch, imagenet_stem=True), queue_size=4096).to(device, memory_format=fmt)
     forward = torch.compile(moco) if compile_ else moco
     optimizer = torch.optim.SGD(moco.encoder_q.parameters(), lr=0.03, momentum=0.9)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
     views = [torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=fmt) for _ in range(2)]
+    keys: list[torch.Tensor] = []
+
+    def loss() -> torch.Tensor:
+        logits, labels, new_keys = forward(*views, return_keys=True)
+        keys[:] = [new_keys]
+        return F.cross_entropy(logits.float(), labels)
+
+    trained = _trained_step(loss, optimizer, dtype, device)
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            logits, labels, keys = forward(*views, return_keys=True)
-            loss = F.cross_entropy(logits.float(), labels)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        trained()
         moco.update_key_encoder()
-        moco.dequeue_and_enqueue(keys)
+        moco.dequeue_and_enqueue(keys[0])
 
     return step
 
@@ -88,19 +107,9 @@ def finetune_step(arch: str, batch: int, size: int, dtype: torch.dtype | None, c
     model = BackboneClassifier(build_backbone(arch, imagenet_stem=True), num_outputs=2).to(device, memory_format=fmt)
     forward = torch.compile(model) if compile_ else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
     images = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=fmt)
     labels = torch.randint(0, 2, (batch,), device=device)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = F.cross_entropy(forward(images).float(), labels)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    return step
+    return _trained_step(lambda: F.cross_entropy(forward(images).float(), labels), optimizer, dtype, device)
 
 
 def largest_batch(arch: str, size: int, device: torch.device, start: int, limit: int) -> int | None:
