@@ -179,6 +179,53 @@ def _check_leakage(args: argparse.Namespace) -> int:
     return 1 if found else 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from .data.converters import DATASETS, convert_dataset
+
+    if args.list:
+        for name, info in DATASETS.items():
+            print(f"{name:<24} {info.title} ({info.source})")
+        return 0
+    if not (args.name and args.src and args.out):
+        print("muscle data convert: give NAME SRC OUT (or --list for the known names)", file=sys.stderr)
+        return 2
+    try:
+        content = convert_dataset(args.name, args.src, args.out, seed=args.seed, uncertain=args.uncertain)
+    except ValueError as exc:  # an unknown name or option, or a layout with wrong content: one line, exit 2
+        print(f"muscle data convert: {exc}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{s} {len(content[s])}" for s in ("training", "validation", "test"))
+    print(f"{Path(args.out) / 'datalist.json'}: {content['dataset']} ({counts}); licence: {content['licence']}")
+    return 0
+
+
+def _pool(args: argparse.Namespace) -> int:
+    from .data.converters import pool_datalists
+
+    def table(pairs: Sequence[str], kind: type, what: str) -> dict:
+        out = {}
+        for pair in pairs:
+            name, sep, value = pair.partition("=")
+            try:
+                out[name] = kind(value)
+            except ValueError:
+                sep = ""
+            if not sep or not name:
+                raise ValueError(f"{what} must be NAME={kind.__name__.replace('float', 'number')}, got {pair!r}")
+        return out
+
+    try:
+        content = pool_datalists(args.datalists, args.out, weights=table(args.weight, float, "--weight") or None,
+                                 limits=table(args.limit, int, "--limit") or None)
+    except ValueError as exc:
+        print(f"muscle data pool: {exc}", file=sys.stderr)
+        return 2
+    sizes = ", ".join(f"{n} {d['training']}/{d['validation']}" for n, d in content["datasets"].items())
+    print(f"{args.out}: {len(content['training'])} training, {len(content['validation'])} validation images "
+          f"(training/validation per dataset: {sizes})")
+    return 0
+
+
 def _export_zoo(args: argparse.Namespace) -> int:
     from .zoo import export_bundle
 
@@ -224,6 +271,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     leakage.add_argument("--threshold", type=float, default=0.975, help="thumbnail correlation of a near duplicate")
     leakage.add_argument("--no-images", action="store_true", help="compare file hashes and patients only")
     leakage.set_defaults(run=_check_leakage)
+    convert = data_verbs.add_parser("convert", help="a public dataset's released layout to a datalist "
+                                    "(docs/DATASETS.md)")
+    convert.add_argument("name", nargs="?", help="the dataset (--list shows them)")
+    convert.add_argument("src", nargs="?", help="the dataset as downloaded and unpacked")
+    convert.add_argument("out", nargs="?", help="folder for datalist.json (images stay in SRC and are referenced)")
+    convert.add_argument("--list", action="store_true", help="list the known datasets")
+    convert.add_argument("--seed", type=int, help="seed of the grouped stratified split where one is made (default 0)")
+    convert.add_argument("--uncertain", help="CheXpert only: uncertain labels (-1) become 1 (u_ones, default), 0 "
+                         "(u_zeros) or stay -1 (ignore)")
+    convert.set_defaults(run=_convert)
+    pool = data_verbs.add_parser("pool", help="the MD-MoCo pre-training pool (training + validation images, never "
+                                 "test) from converted datalists")
+    pool.add_argument("datalists", nargs="+", help="datalist.json files written by `muscle data convert`")
+    pool.add_argument("--out", required=True, help="the pool file, e.g. data/pretrain_datalist.json")
+    pool.add_argument("--weight", action="append", default=[], metavar="NAME=W", help="a dataset's sampling weight, "
+                      "recorded in the pool (the pretrain bundle samples by its dataset_weighting)")
+    pool.add_argument("--limit", action="append", default=[], metavar="NAME=N", help="at most N training images of "
+                      "a dataset (validation in proportion)")
+    pool.set_defaults(run=_pool)
     export = verbs.add_parser("export-zoo", help="a bundle folder for the MONAI model zoo, muscle_ext in scripts/")
     export.add_argument("bundle")
     export.add_argument("out")

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -212,7 +214,8 @@ def _write_stage(root: Path, name: str, kind: str, **extra) -> dict:
     return {"name": name, "output_dir": str(folder), "kind": kind, **extra}
 
 
-def test_report_tables_from_fixed_files(tmp_path):
+def _fixed_job(tmp_path: Path) -> np.ndarray:
+    """A finished job's files: three pneumonia starts, one continual variant, one embedding stage."""
     labels = [0, 1] * 10
     scores = {"scratch": [0.4, 0.6] * 10, "md_moco": [0.3, 0.7] * 10,
               "muscle": [0.2, 0.8] * 9 + [0.9, 0.1]}  # MUSCLE misranks one pair of cases
@@ -232,8 +235,6 @@ def test_report_tables_from_fixed_files(tmp_path):
     (Path(continual["output_dir"]) / "forgetting.json").write_text(json.dumps(
         {"summary": {"average": 0.75, "bwt": -0.05, "fwt": 0.1, "mean_forgetting": 0.02}}))
     stages.insert(0, continual)
-    import numpy as np
-
     datalist = tmp_path / "pool.json"  # 12 images of two body parts whose embeddings form two clusters
     parts = ["chest"] * 6 + ["knee"] * 6
     items = [{"image": f"{i}.png", "body_part": part} for i, part in enumerate(parts)]
@@ -246,9 +247,15 @@ def test_report_tables_from_fixed_files(tmp_path):
     stages.append(embedded)
     (tmp_path / "pipeline.json").write_text(json.dumps({"preset": "fixed", "description": "fixed files",
                                                         "data_name": "xray", "seed": 0, "stages": stages}))
+    return features
+
+
+def test_report_tables_from_fixed_files(tmp_path):
+    features = _fixed_job(tmp_path)
     report = build_report(tmp_path, n_resamples=200).read_text().splitlines()
     page = (tmp_path / "report.html").read_text()
     assert page.count("<table>") == 3 and '<img alt="ROC curves of every start' in page and "<h2>pneumonia" in page
+    assert page.count('src="data:image/png;base64,') == 2 and 'src="figures/' not in page  # figures inline
     start = report.index("## pneumonia (classification, test n = 20)")
     assert report[start + 2:start + 7] == [
         "| start | roc_auc | accuracy | sensitivity | specificity | ece | Δ roc_auc vs Scratch | "
@@ -282,6 +289,37 @@ def test_report_tables_from_fixed_files(tmp_path):
     centres = [points[:6].mean(0), points[6:].mean(0)]  # the two body parts stay apart on the map
     assert np.linalg.norm(centres[0] - centres[1]) > 3 * max(points[:6].std(0).max(), points[6:].std(0).max())
     assert imread(tmp_path / "figures" / "embeddings_tsne.png")[..., :3].std() > 0.05
+
+
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH: `apt-get install chromium` (README, 'Looking at "
+                                             "the report') runs this check")
+@pytest.mark.timeout(300)
+def test_report_html_renders_in_a_headless_browser(tmp_path):
+    """The self-contained page as a browser shows it: every figure decodes, the tables render, nothing is fetched."""
+    _fixed_job(tmp_path)
+    build_report(tmp_path, n_resamples=50)
+    page = (tmp_path / "report.html").read_text()
+    probe = tmp_path / "probe.html"  # the page plus a script that records, after loading, whether each image decoded
+    probe.write_text(page.replace("</body>", "<script>window.addEventListener('load', () => document.body.setAttribute("
+                                             "'data-images', [...document.images].map(i => i.complete && "
+                                             "i.naturalWidth > 0).join()));</script></body>"))
+    (tmp_path / "figures").rename(tmp_path / "moved")  # a page that still linked its figures would now break
+    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+               f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*browser, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    assert 'data-images="true,true"' in dom, dom[-2000:]  # the ROC curves and the t-SNE map, both decoded
+    assert dom.count("<table>") == 3 and "<h2>pneumonia (classification, test n = 20)</h2>" in dom
+    shot = tmp_path / "report.png"
+    subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1280,1600", (tmp_path / "report.html").as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    from matplotlib.image import imread
+
+    pixels = imread(shot)[..., :3]
+    assert pixels.shape[:2] == (1600, 1280) and pixels.std() > 0.05  # rendered, not a blank page
 
 
 def test_status_flags_stages_run_with_other_code(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """X-ray I/O, pre-processing transforms, datalists, dataset pooling and caching, inference output writers."""
 
 from .backbone_inputs import backbone_input_loader
+from .converters import CONVERTERS, convert_dataset, pool_datalists
 from .datalist import (
     DatalistError,
     ValidationReport,
@@ -26,6 +27,7 @@ from .writers import SaveMaskd, case_id, dicom_patient_fields, write_csv, write_
 
 __all__ = [
     "CLAHE",
+    "CONVERTERS",
     "AddTagsd",
     "CLAHEd",
     "DatalistError",
@@ -44,6 +46,7 @@ __all__ = [
     "k_shot_subset",
     "label_fraction_subset",
     "case_id",
+    "convert_dataset",
     "datalist_from_class_folders",
     "datalist_from_csv",
     "datalist_from_dicom_tree",
@@ -54,6 +57,7 @@ __all__ = [
     "is_dicomdir",
     "load_datalist",
     "make_dataset",
+    "pool_datalists",
     "pool_datasets",
     "read_mask",
     "read_xray",

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -332,13 +333,32 @@ blockquote {{ background: #fff8c5; border-left: 4px solid #d4a72c; margin: 1rem 
 
 
 def write_html(markdown_text: str, path: str | os.PathLike, title: str = "MUSCLE report") -> Path:
-    """The report as one self-contained HTML page (Python-Markdown with its ``tables`` extension; figures and logs
-    stay relative links into the job's folder, as in ``report.md``); returns its path."""
+    """The report as one self-contained HTML page (Python-Markdown with its ``tables`` extension): every figure that
+    ``markdown_text`` links relative to ``path``'s folder is inlined as a ``data:`` URI, so the page shows its figures
+    when mailed or uploaded alone; links to logs stay relative into the job's folder. Returns ``path``."""
     import html
 
     import markdown
 
     body = markdown.markdown(markdown_text, extensions=["tables"], output_format="html")
     path = Path(path)
+    body = _IMG_SRC.sub(lambda m: m.group(1) + _data_uri(path.parent, html.unescape(m.group(2))) + m.group(3), body)
     path.write_text(_PAGE.format(title=html.escape(title), body=body))
     return path
+
+
+_IMG_SRC = re.compile(r'(<img\b[^>]*?\bsrc=")([^"]+)(")')
+_MIME = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+
+
+def _data_uri(folder: Path, src: str) -> str:
+    """``src`` as a base64 ``data:`` URI when it names a figure file under ``folder``; else ``src`` unchanged (an
+    absolute URL, or a figure that is missing: the browser then shows its alt text)."""
+    import base64
+    import html
+
+    file = folder / src
+    mime = _MIME.get(file.suffix.lower())
+    if mime is None or "://" in src or src.startswith("data:") or not file.is_file():
+        return html.escape(src)
+    return f"data:{mime};base64," + base64.b64encode(file.read_bytes()).decode("ascii")

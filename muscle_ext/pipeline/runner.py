@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..handlers.tracking.run import STAGE_ENV
+from .preload import PreloadServer, preloadable
 
 __all__ = ["BundleCommand", "Stage", "StageFailed", "StageRunner", "bundle_command", "code_fingerprint", "printable",
            "run_command"]
@@ -78,14 +79,21 @@ def printable(cmd: Sequence[str], placeholders: Mapping[str, str] | None = None)
     return text
 
 
-def run_command(cmd: Sequence[str], log: str | os.PathLike, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+def run_command(cmd: Sequence[str], log: str | os.PathLike, env: Mapping[str, str] | None = None,
+                preload: PreloadServer | None = None) -> dict[str, Any]:
     """Run ``cmd`` with its output in ``log``. Returns ``{"command", "wall_s", "peak_rss_gib", "returncode"}``:
-    the run's own peak resident memory (``os.wait4``), not the maximum over every child of this process.
+    the run's own peak resident memory (``os.wait4``), not the maximum over every child of this process. With
+    ``preload``, a ``python -m monai.bundle`` command runs in a fork of that server (:mod:`.preload`: the same
+    command without the import wait); anything else as a plain subprocess.
 
     Raises:
         OSError: ``log`` cannot be written, or ``cmd`` cannot be started.
     """
     start = time.perf_counter()
+    if preload is not None and preloadable(cmd):
+        status, maxrss_kib = preload.run(cmd, log, env)
+        return {"command": printable(cmd), "wall_s": round(time.perf_counter() - start, 1),
+                "peak_rss_gib": round(maxrss_kib / 2**20, 2), "returncode": os.waitstatus_to_exitcode(status)}
     with open(log, "w") as out:
         proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=None if env is None else dict(env))
         try:
@@ -176,13 +184,16 @@ class StageRunner:
         progress: called with ``(index, total, stage, state)`` as each stage starts (``state``: ``run``, ``resume``,
             ``rerun`` or ``reuse``) and with ``state`` ``done`` as it ends.
         placeholders: path prefixes written as placeholders in the recorded commands (:func:`printable`).
+        preload: run each single-process bundle command in a fork of a process that has imported the stack once
+            (:mod:`.preload`; about 15 s less per command on 2 cores); ``False``: a fresh interpreter per command.
     """
 
     def __init__(self, root: str | os.PathLike, env: Mapping[str, str] | None = None,
                  progress: Callable[[int, int, Stage, str], None] | None = None,
-                 placeholders: Mapping[str, str] | None = None) -> None:
+                 placeholders: Mapping[str, str] | None = None, preload: bool = True) -> None:
         self.root = Path(root)
         self.env = env
+        self.preload = preload
         self.placeholders = dict(placeholders or {})
         self.progress = progress or (lambda *args: None)
         self.fingerprints: dict[str, str] = {}
@@ -273,20 +284,29 @@ class StageRunner:
         """
         results = {}
         planned = self.plan(stages)
-        for index, (stage, action) in enumerate(planned, 1):
-            self.progress(index, len(planned), stage, action)
-            if action == "rerun" and stage.output_dir.exists():
-                old = (self.read_state(stage) or {}).get("fingerprint", "unknown")[:12]
-                target = self.root / "superseded" / f"{stage.name}-{old}-{int(time.time())}"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(stage.output_dir), str(target))
-            if action != "reuse":
-                self._run_stage(stage)
-            results[stage.name] = self.read_state(stage) or {}
-            self.progress(index, len(planned), stage, "done")
+        server = PreloadServer(self.env) if self.preload and any(a != "reuse" for _, a in planned) else None
+        try:
+            for index, (stage, action) in enumerate(planned, 1):
+                results[stage.name] = self._stage(index, len(planned), stage, action, server)
+        finally:
+            if server is not None:
+                server.close()
         return results
 
-    def _run_stage(self, stage: Stage) -> None:
+    def _stage(self, index: int, total: int, stage: Stage, action: str,
+               server: PreloadServer | None) -> dict[str, Any]:
+        self.progress(index, total, stage, action)
+        if action == "rerun" and stage.output_dir.exists():
+            old = (self.read_state(stage) or {}).get("fingerprint", "unknown")[:12]
+            target = self.root / "superseded" / f"{stage.name}-{old}-{int(time.time())}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(stage.output_dir), str(target))
+        if action != "reuse":
+            self._run_stage(stage, server)
+        self.progress(index, total, stage, "done")
+        return self.read_state(stage) or {}
+
+    def _run_stage(self, stage: Stage, server: PreloadServer | None = None) -> None:
         logs = stage.output_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         state: dict[str, Any] = {"stage": stage.name, "description": stage.description,
@@ -299,7 +319,7 @@ class StageRunner:
             log = logs / f"{n}_{command.bundle}.log"
             # the stage's runs are tagged with its name (muscle.stage): the report finds their curves
             env = {**(self.env if self.env is not None else os.environ), STAGE_ENV: stage.name}
-            result = run_command(command.argv(), log, env)
+            result = run_command(command.argv(), log, env, preload=server)
             result["command"] = printable(command.argv(), self.placeholders)
             result["log"] = str(log.relative_to(stage.output_dir))
             state["commands"].append(result)
