@@ -35,6 +35,7 @@ def _clock(seconds: float) -> str:
 def _reproduce(args: argparse.Namespace) -> int:
     from .handlers.tracking import PARENT_RUN_ENV
     from .pipeline import Stage, StageFailed, StageRunner, build_report, build_stages, load_preset, printable
+    from .pipeline.data_check import check_job_data
     from .pipeline.job_run import JobRun
 
     preset = load_preset(args.preset)
@@ -91,6 +92,14 @@ def _reproduce(args: argparse.Namespace) -> int:
     if preset.get("warning"):
         pipeline["warning"] = preset["warning"]
     (out / "pipeline.json").write_text(json.dumps(pipeline, indent=2) + "\n")
+    checked = check_job_data(stages, out, placeholders)
+    tests = ", ".join(f"{s['datalist']}:{s['section']} {len(s['leaks'])}" for s in checked["tests"])
+    if checked["leaks"]:
+        print(f"WARNING: test entries found in data the stages train on ({tests} pairs; {out / 'leakage.json'}): "
+              "their metrics will be inflated; the report says so", flush=True)
+    else:
+        print(f"data check: no test image or patient in the pre-training pool or a training split "
+              f"({len(checked['tests'])} test splits against {len(checked['reference'])} sections)", flush=True)
 
     job = JobRun(out, env["MLFLOW_TRACKING_URI"], JOB_EXPERIMENT, f"reproduce_{preset['name']}")
     if job.open():
@@ -155,26 +164,19 @@ def _sections(spec: str) -> list[tuple[str, str]]:
 
 
 def _check_leakage(args: argparse.Namespace) -> int:
-    from .data import find_leaks, load_datalist
+    from .data.leakage import check_datalists
 
-    def entries(path: str, section: str) -> list[dict]:
-        # patient ids are compared within a dataset: entries that name none belong to their datalist's folder
-        return [{"dataset": Path(path).parent.name, **item} for item in load_datalist(path, section)]
-
-    reference = [(p, s, i, item) for spec in args.reference for p, s in _sections(spec)
-                 for i, item in enumerate(entries(p, s))]
+    reference = [section for spec in args.reference for section in _sections(spec)]
+    test = [section for spec in args.test for section in _sections(spec)]
     found = 0
-    for spec in args.test:
-        for path, section in _sections(spec):
-            test = entries(path, section)
-            leaks = find_leaks(test, [r[3] for r in reference], threshold=args.threshold,
-                               near_duplicates=not args.no_images)
-            found += len(leaks)
-            print(f"{path}:{section}: {len(test)} entries, {len(leaks)} found in the reference sets")
-            for leak in leaks:  # entry positions and reasons only: no file names or patient ids in the output
-                ref_path, ref_section, ref_index, _ = reference[leak.reference_index]
-                score = f" (r = {leak.correlation})" if leak.reason == "near duplicate" else ""
-                print(f"  entry {leak.test_index} = {ref_path}:{ref_section} entry {ref_index}: {leak.reason}{score}")
+    for summary in check_datalists(test, reference, threshold=args.threshold, near_duplicates=not args.no_images):
+        found += len(summary["leaks"])
+        print(f"{summary['datalist']}:{summary['section']}: {summary['n']} entries, {len(summary['leaks'])} found in "
+              "the reference sets")
+        for leak in summary["leaks"]:  # entry positions and reasons only: no file names or patient ids in the output
+            score = f" (r = {leak['correlation']})" if leak["reason"] == "near duplicate" else ""
+            print(f"  entry {leak['entry']} = {leak['reference']} entry {leak['reference_entry']}: {leak['reason']}"
+                  f"{score}")
     print(f"{found} leak(s) in all" if found else "no leak found")
     return 1 if found else 0
 

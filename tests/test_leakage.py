@@ -64,3 +64,31 @@ def test_the_command_line_names_entries_not_files_and_exits_1_on_a_leak(site2, x
     assert main(["data", "check-leakage", "--test", f"{datalist}:test", "--reference",
                  f"{datalist}:training"]) == 0
     assert main(["data", "check-leakage", "--test", str(tmp_path / "absent.json"), "--reference", str(planted)]) == 2
+
+
+def test_the_main_job_checks_its_test_splits_and_the_report_says_what_it_found(site2, xray_root, tmp_path):
+    import json
+
+    from muscle_ext.pipeline import Stage, build_report
+    from muscle_ext.pipeline.data_check import check_job_data, leakage_sets
+
+    task = xray_root / "pneumonia_site2" / "datalist.json"
+    pool = tmp_path / "pool.json"  # a pre-training pool that holds one test image of the task
+    pool.write_text(json.dumps({"training": [{"image": site2["test"][7]["image"]},
+                                             {"image": site2["training"][0]["image"]}]}))
+    stages = [Stage("md_moco", tmp_path / "md_moco", [], inputs=(pool,), extra={"kind": "pretrain"}),
+              Stage("site2_scratch", tmp_path / "site2", [], inputs=(task,), extra={"kind": "downstream"})]
+    test, reference = leakage_sets(stages)
+    assert test == [(task, "test")] and reference == [(pool, "training"), (task, "training"), (task, "validation")]
+    checked = check_job_data(stages, tmp_path, placeholders={str(xray_root): "<data>", str(tmp_path): "<out>"})
+    assert checked["leaks"] == 1 and checked["tests"][0]["datalist"] == "<data>/pneumonia_site2/datalist.json"
+    assert checked["tests"][0]["leaks"] == [{"entry": 7, "reference": "<out>/pool.json:training", "reference_entry": 0,
+                                             "reason": "identical file", "correlation": 1.0}]
+    assert check_job_data(stages, tmp_path) == checked  # the same datalists: the saved result, not a second check
+    (tmp_path / "pipeline.json").write_text(json.dumps({"preset": "p", "data_name": "xray", "seed": 0, "stages": []}))
+    report = build_report(tmp_path).read_text()
+    assert "| `<data>/pneumonia_site2/datalist.json:test` | 75 | 1 | 0 | 0 |" in report
+    assert "> **1 test entries also sit in data a stage trains on" in report
+    pool.write_text(json.dumps({"training": [{"image": site2["training"][0]["image"]}]}))  # fixed: checked again
+    assert check_job_data(stages, tmp_path)["leaks"] == 0
+    assert "No test image or patient found in them." in build_report(tmp_path).read_text()

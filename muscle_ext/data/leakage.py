@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from .datalist import load_datalist
 from .readers import read_xray
 
-__all__ = ["Leak", "find_leaks", "thumbnail"]
+__all__ = ["Leak", "check_datalists", "find_leaks", "thumbnail"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,3 +120,35 @@ def find_leaks(test: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[st
     found = sorted(leaks.values(), key=lambda leak: (leak.test_index, leak.reference_index))
     logger.info(f"leakage check: {len(found)} pair(s) among {len(test)} test and {len(reference)} reference entries")
     return found
+
+
+def _entries(path: str | Path, section: str) -> list[dict]:
+    # patient ids are compared within a dataset: entries that name none belong to their datalist's folder
+    return [{"dataset": Path(path).parent.name, **item} for item in load_datalist(path, section)]
+
+
+def check_datalists(test: Sequence[tuple[str | Path, str]], reference: Sequence[tuple[str | Path, str]],
+                    threshold: float = 0.975, near_duplicates: bool = True) -> list[dict[str, Any]]:
+    """:func:`find_leaks` of each ``(datalist, section)`` in ``test`` against all of ``reference`` together.
+
+    Returns:
+        One summary per test section: ``{"datalist", "section", "n", "leaks": [{"entry", "reference", "reference_entry",
+        "reason", "correlation"}]}`` with entry positions and the reference's ``"<datalist>:<section>"``, never file
+        names or patient ids (the summary goes to logs and reports).
+
+    Raises:
+        FileNotFoundError, ValueError: a datalist or section that cannot be read (named).
+    """
+    where = [(str(p), s, i, item) for p, s in reference for i, item in enumerate(_entries(p, s))]
+    pool = [w[3] for w in where]
+    summaries = []
+    for path, section in test:
+        entries = _entries(path, section)
+        leaks = find_leaks(entries, pool, threshold=threshold, near_duplicates=near_duplicates)
+        found = []
+        for leak in leaks:
+            ref_path, ref_section, ref_entry, _ = where[leak.reference_index]
+            found.append({"entry": leak.test_index, "reference": f"{ref_path}:{ref_section}",
+                          "reference_entry": ref_entry, "reason": leak.reason, "correlation": leak.correlation})
+        summaries.append({"datalist": str(path), "section": section, "n": len(entries), "leaks": found})
+    return summaries

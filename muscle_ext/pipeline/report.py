@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..metrics import paired_difference
+from .data_check import LEAKAGE_FILE
 from .paper import PAPER, SOURCE, paper_value
 
 __all__ = ["HEADLINE", "build_report"]
@@ -169,6 +170,30 @@ def _embedding_figure(root: Path, stages: list[dict]) -> Path | None:
     return plot_embedding_maps(maps, root / "figures" / "embeddings_tsne.png")
 
 
+def _leakage_section(check: dict | None) -> list[str]:
+    """The data check (:mod:`.data_check`): what of each test split also sits in training or pre-training data."""
+    if check is None:
+        return ["", "## Data check", "", "Not run: no leakage.json in this folder."]
+    lines = ["", "## Data check: test splits against training and pre-training data", "",
+             f"Each downstream test split against {len(check['reference'])} sections the stages read (the pre-training "
+             "pool and the training and validation splits): identical files (SHA-256), near-duplicate radiographs "
+             f"(64 x 64 thumbnail correlation >= {check['threshold']}) and shared patient ids.", "",
+             "| test split | entries | identical file | near duplicate | same patient |", "|---|---|---|---|---|"]
+    for summary in check["tests"]:
+        reasons = [leak["reason"] for leak in summary["leaks"]]
+        lines.append(f"| `{summary['datalist']}:{summary['section']}` | {summary['n']} | "
+                     + " | ".join(str(reasons.count(r)) for r in ("identical file", "near duplicate", "same patient"))
+                     + " |")
+    if check["leaks"]:
+        entries = sum(len({leak["entry"] for leak in s["leaks"]}) for s in check["tests"])
+        lines += ["", f"> **{entries} test entries also sit in data a stage trains on: the metrics measured on them "
+                      "are inflated. `leakage.json` lists them (entry positions); `muscle data check-leakage` checks "
+                      "a fixed datalist.**"]
+    else:
+        lines += ["", "No test image or patient found in them."]
+    return lines
+
+
 def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
     """Write ``<root>/report.md`` from a main job's folder; returns its path.
 
@@ -190,6 +215,7 @@ def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
              "Test metrics with 95 % percentile bootstrap intervals; Δ: paired difference over the same test cases."]
     if pipeline.get("warning"):
         lines += ["", f"> **{pipeline['warning']}**"]
+    lines += _leakage_section(_read_json(root / LEAKAGE_FILE))
 
     runs = _stage_runs(root)
     tasks: dict[str, dict[str, dict]] = {}
