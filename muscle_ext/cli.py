@@ -288,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pool.add_argument("datalists", nargs="+", help="datalist.json files written by `muscle data convert`")
     pool.add_argument("--out", required=True, help="the pool file, e.g. data/pretrain_datalist.json")
     pool.add_argument("--weight", action="append", default=[], metavar="NAME=W", help="a dataset's sampling weight, "
-                      "recorded in the pool (the pretrain bundle samples by its dataset_weighting)")
+                      "recorded in the pool (the pretrain bundle samples by them with --dataset_weighting datalist)")
     pool.add_argument("--limit", action="append", default=[], metavar="NAME=N", help="at most N training images of "
                       "a dataset (validation in proportion)")
     pool.set_defaults(run=_pool)

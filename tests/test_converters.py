@@ -535,6 +535,21 @@ def test_cli_convert_and_pool_make_the_pretrain_bundles_format(montgomery, mura,
     for section in ("training", "validation"):
         items = load_datalist(pool, section)
         assert validate_datalist(items, source=section) == items  # every pooled image exists and decodes
+    # the pretrain bundle's sampler takes the recorded weights (--dataset_weighting datalist), in the pool's order
+    from muscle_ext.data import PooledSampler, pool_datasets, pool_weights
+
+    pooled_data = pool_datasets(load_datalist(pool, "training"), {"default": []})
+    weights = pool_weights(pool, pooled_data)
+    assert pooled_data.names == ["montgomery", "mura", "rsna_pneumonia"] and weights == [1.0, 2.0, 1.0]
+    sampler = PooledSampler(pooled_data, weights=weights, num_replicas=1, rank=0)
+    assert sampler.probabilities.tolist() == [0.25, 0.5, 0.25] and pool_weights(pool, pooled_data, "balanced") is None
+    unweighted = tmp_path / "unweighted.json"
+    unweighted.write_text(json.dumps({k: v for k, v in content.items() if k != "dataset_weights"}))
+    with pytest.raises(ValueError, match="no dataset_weights recorded; write them with `muscle data pool"):
+        pool_weights(unweighted, pooled_data)
+    unweighted.write_text(json.dumps({**content, "dataset_weights": {"murra": 2.0}}))
+    with pytest.raises(ValueError, match=r"dataset_weights name \['murra'\], not in the pool"):
+        pool_weights(unweighted, pooled_data)
     # a weight for a dataset the pool does not hold, an unknown dataset name: one line, exit 2
     assert main([*argv[:-4], "--weight", "nih=1"]) == 2
     assert "weights for dataset(s) ['nih'] not in the pool" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from .datasets import make_dataset, pool_datasets, split_by_key
 from .label_fractions import k_shot_subset, label_fraction_subset
 from .leakage import Leak, find_leaks
 from .readers import LoadXRayd, XRayReader, XRayReadError, read_mask, read_xray, xray_format
-from .sampling import DrawSeededDataset, PooledSampler, dataset_weights
+from .sampling import DrawSeededDataset, PooledSampler, dataset_weights, pool_weights
 from .transforms import CLAHE, AddTagsd, CLAHEd, SquarePixelResize, SquarePixelResized, xray_preprocessing
 from .writers import SaveMaskd, case_id, dicom_patient_fields, write_csv, write_mask
 
@@ -59,6 +59,7 @@ __all__ = [
     "make_dataset",
     "pool_datalists",
     "pool_datasets",
+    "pool_weights",
     "read_mask",
     "read_xray",
     "screen_inputs",

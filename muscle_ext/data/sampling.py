@@ -4,8 +4,11 @@ weight, reproducibly by seed and epoch, each DDP rank taking a disjoint shard.""
 from __future__ import annotations
 
 import bisect
+import json
 import math
+import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch.distributed as dist
@@ -13,7 +16,7 @@ from monai.transforms import Compose, Randomizable
 from torch.utils.data import ConcatDataset, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-__all__ = ["DrawSeededDataset", "PooledSampler", "dataset_weights"]
+__all__ = ["DrawSeededDataset", "PooledSampler", "dataset_weights", "pool_weights"]
 
 
 def dataset_weights(sizes: Sequence[int], weighting: str = "temperature", temperature: float = 2.0,
@@ -41,6 +44,28 @@ def dataset_weights(sizes: Sequence[int], weighting: str = "temperature", temper
     else:
         raise ValueError(f"weighting must be proportional, balanced or temperature, got {weighting!r}")
     return w / w.sum()
+
+
+def pool_weights(datalist: str | os.PathLike, pooled: ConcatDataset, weighting: str = "datalist") -> list[float] | None:
+    """The ``dataset_weights`` a pool file records (``muscle data pool --weight NAME=W``), in the order of
+    ``pooled``'s datasets (:func:`~muscle_ext.data.pool_datasets` names them); a dataset the file does not list
+    weighs 1.0. With any other ``weighting`` than ``"datalist"``: ``None`` (the sampler computes its own).
+
+    Raises:
+        ValueError: ``weighting="datalist"`` but the file records no weights (named, with the command that writes
+            them), or a weight for a dataset that is not in the pool (a typo would silently weigh 1.0).
+    """
+    if weighting != "datalist":
+        return None
+    recorded = json.loads(Path(datalist).read_text()).get("dataset_weights")
+    if not isinstance(recorded, dict) or not recorded:
+        raise ValueError(f"{datalist}: no dataset_weights recorded; write them with `muscle data pool ... --weight "
+                         "NAME=W`, or choose --dataset_weighting proportional|balanced|temperature")
+    names = list(getattr(pooled, "names", []))
+    unknown = sorted(set(recorded) - set(names))
+    if unknown:
+        raise ValueError(f"{datalist}: dataset_weights name {unknown}, not in the pool's training entries {names}")
+    return [float(recorded.get(name, 1.0)) for name in names]
 
 
 class PooledSampler(DistributedSampler):

@@ -41,8 +41,7 @@ def pool_datalists(datalists: Sequence[str | os.PathLike], out: str | os.PathLik
         datalists: ``datalist.json`` files written by the converters (or any with those tags).
         out: the pool file, e.g. ``data/pretrain_datalist.json``.
         weights: ``{dataset: weight}``; recorded as the top-level ``dataset_weights`` (in the order of the pool's
-            datasets). The pretrain bundle does not read it: its sampler weights by ``dataset_weighting``
-            (proportional | balanced | temperature).
+            datasets); the pretrain bundle samples by them with ``--dataset_weighting datalist``.
         limits: ``{dataset: n}``: at most ``n`` training entries of that dataset (evenly spaced, deterministic) and
             validation entries in the same proportion.
 
@@ -99,7 +98,7 @@ def pool_datalists(datalists: Sequence[str | os.PathLike], out: str | os.PathLik
         if any(float(w) < 0 for w in weights.values()) or not any(float(w) > 0 for w in weights.values()):
             raise ValueError(f"dataset weights must be >= 0 and not all 0, got {dict(weights)}")
         content["dataset_weights"] = {name: float(weights.get(name, 1.0)) for name in datasets}
-        content["dataset_weights_note"] = ("not read by bundles/muscle_pretrain (its sampler uses dataset_weighting); "
+        content["dataset_weights_note"] = ("read by bundles/muscle_pretrain with --dataset_weighting datalist; "
                                            "unlisted datasets weigh 1.0")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(content, indent=1) + "\n")
