@@ -69,12 +69,38 @@ def run_bundle(bundle: str, configs: Sequence[str], overrides: Mapping[str, obje
         # each test's own store in its output folder (the default, mlflow.db in the working folder, would put the
         # runs of all tests in one store in the repository): tests that check the default pass default_store
         extra["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(overrides['output_dir']).absolute()}/mlruns.db"
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO,
-                          env=bundle_env(extra=extra, default_store=default_store or named))
+    full_env = bundle_env(extra=extra, default_store=default_store or named)
+    if tuple(launcher) == (sys.executable, "-m") and os.environ.get("MUSCLE_TEST_PRELOAD", "1") != "0":
+        proc = _run_preloaded(cmd, cwd or REPO, full_env, timeout)
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO, env=full_env)
     if proc.returncode != 0:
         raise AssertionError(f"bundle run failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-6000:]}")
     return proc
+
+
+_SERVER = None
+
+
+def _run_preloaded(cmd: list[str], cwd: str | os.PathLike, env: Mapping[str, str],
+                   timeout: float) -> subprocess.CompletedProcess:
+    """``cmd`` in a fork of one server per test session that imported torch, MONAI and MLflow once (the main job's
+    launcher, :mod:`muscle_ext.pipeline.preload`): the same process a fresh ``python -m monai.bundle run`` is, its
+    stdout and stderr kept apart, without ~15 s of imports per run. ``MUSCLE_TEST_PRELOAD=0``: fresh interpreters."""
+    global _SERVER
+    import atexit
+
+    from muscle_ext.pipeline.preload import PreloadServer
+
+    if _SERVER is None:
+        _SERVER = PreloadServer(bundle_env())
+        atexit.register(_SERVER.close)
+    with tempfile.TemporaryDirectory() as logs:
+        out, err = Path(logs) / "stdout", Path(logs) / "stderr"
+        status, _ = _SERVER.run(cmd, out, env, cwd=cwd, timeout=timeout, stderr_log=err)
+        return subprocess.CompletedProcess(cmd, os.waitstatus_to_exitcode(status), out.read_text(errors="replace"),
+                                           err.read_text(errors="replace"))
 
 
 # ------------------------------------------------------------------------------------- settings of small bundle runs

@@ -369,6 +369,51 @@ def test_full_preset_trains_under_torchrun_and_evaluates_in_one_process(xray_roo
     assert "torchrun --standalone --nproc_per_node=2 -m monai.bundle run" in capsys.readouterr().out
 
 
+# The full preset's own file, every size shrunk (the code path is the GPU one: torchrun, multi-GPU configs, gloo here)
+TINY_FULL = {
+    "pretrain.overrides": {"image_size": 32, "batch_size": 8, "num_epochs": 1, "warmup_epochs": 0, "queue_size": 32,
+                           "train#sampler#num_samples": 32, "num_workers": 0, "knn_interval": 1, "monitor_size": 16},
+    "continual.overrides": {"image_size": 32, "batch_size": 4, "rounds": 1, "steps_per_visit": 2, "max_items": 8,
+                            "num_workers": 0, "cache": "memory"},
+    "downstream.overrides": {"image_size": 32, "batch_size": 4, "num_epochs": 1, "warmup_epochs": 0, "max_items": 16,
+                             "num_workers": 0, "n_bootstrap": 50},
+    "downstream.starts": ["scratch", "muscle"],
+    "downstream.tasks": ["pneumonia", "tb"],  # a torchrun-trained task, and detection (one process by design)
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_full_preset_at_tiny_sizes_runs_under_torchrun_with_two_gloo_processes(xray_root, tmp_path, capsys,
+                                                                               monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    preset = yaml.safe_load((PRESETS / "full.yaml").read_text())
+    for dotted, value in TINY_FULL.items():
+        section, key = dotted.split(".")
+        if key == "overrides":
+            preset[section][key] = {**preset[section][key], **value}
+        elif key == "tasks":
+            preset[section][key] = {name: preset[section][key][name] for name in value}
+        else:
+            preset[section][key] = value
+    path = tmp_path / "full_tiny.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    out = tmp_path / "job"
+    code, said = _reproduce(capsys, "--preset", path, "--data", xray_root, "--out", out, "--nproc-per-node", 2)
+    assert code == 0, said
+    stages = ["md_moco", "muscle", "muscle_minus", "joint", "pneumonia_scratch", "pneumonia_muscle", "tb_scratch",
+              "tb_muscle"]
+    assert all(f"] {name}: run" in said for name in stages), said
+    log = (out / "md_moco" / "logs" / "1_muscle_pretrain.log").read_text()
+    assert "world size 2" in log.lower() or "rank 1" in log.lower() or "gloo" in log.lower(), log[-3000:]
+    report = (out / "report.md").read_text()
+    assert report.count("torchrun --standalone --nproc_per_node=2 -m monai.bundle run") == 6  # 4 + 2 fine-tunings
+    assert "## pneumonia (classification" in report and "## tb (detection" in report
+    assert all(json.loads((out / p / "stage.json").read_text())["status"] == "done"
+               for p in ("md_moco", "muscle", "joint", "downstream/tb_muscle"))
+
+
 def test_report_shows_the_papers_published_numbers_where_the_task_names_them(tmp_path):
     """A task whose preset entry names the paper's dataset (`paper: tbx`) gets a column with the published ResNet-18
     values and the footnote on what they are; a task without it gets none."""

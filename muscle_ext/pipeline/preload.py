@@ -58,39 +58,53 @@ class PreloadServer:
         return self._proc
 
     def run(self, cmd: Sequence[str], log: str | os.PathLike, env: Mapping[str, str] | None = None,
-            cwd: str | os.PathLike | None = None) -> tuple[int, int]:
-        """Run ``cmd`` (:func:`preloadable`) in a fork of the server, its output in ``log``; waits for it.
+            cwd: str | os.PathLike | None = None, timeout: float | None = None,
+            stderr_log: str | os.PathLike | None = None) -> tuple[int, int]:
+        """Run ``cmd`` (:func:`preloadable`) in a fork of the server, its output in ``log`` (its stderr in
+        ``stderr_log`` when given, else in ``log`` too); waits for it, at most ``timeout`` seconds.
 
         Returns:
             ``(status, maxrss_kib)``: the raw wait status (``os.waitstatus_to_exitcode`` reads it) and the child's
             own peak resident memory in KiB.
 
         Raises:
+            subprocess.TimeoutExpired: the command ran past ``timeout`` (it was killed).
             RuntimeError: the server died (its last words went to this process's stderr).
         """
+        import threading
+
         proc = self._server()
         request = {"argv": list(cmd), "env": dict(self.env if env is None else env),
-                   "cwd": os.fspath(cwd or os.getcwd()), "log": os.fspath(log)}
+                   "cwd": os.fspath(cwd or os.getcwd()), "log": os.fspath(log),
+                   "stderr_log": None if stderr_log is None else os.fspath(stderr_log)}
         proc.stdin.write(json.dumps(request) + "\n")
         proc.stdin.flush()
-        pid = None
+        pid, timer, expired = None, None, threading.Event()
         try:
-            started = json.loads(proc.stdout.readline() or "null")
-            if started is None:
-                raise RuntimeError("the bundle-run server ended unexpectedly (its error is above)")
+            started = self._reply(proc)
             pid = started["pid"]
-            ended = json.loads(proc.stdout.readline() or "null")
-            if ended is None:
-                raise RuntimeError("the bundle-run server ended unexpectedly (its error is above)")
+            if timeout is not None:
+                timer = threading.Timer(timeout, lambda: (expired.set(), _kill(pid)))
+                timer.start()
+            ended = self._reply(proc)
         except BaseException:  # e.g. Ctrl-C: do not leave the training run behind
             if pid is not None:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _kill(pid)
             self.close()
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if expired.is_set():
+            raise subprocess.TimeoutExpired(list(cmd), timeout)
         return ended["status"], ended["maxrss_kib"]
+
+    @staticmethod
+    def _reply(proc: subprocess.Popen) -> dict[str, Any]:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the bundle-run server ended unexpectedly (its error is above)")
+        return json.loads(line)
 
     def close(self) -> None:
         """End the server (it kills a command still running)."""
@@ -109,6 +123,13 @@ class PreloadServer:
             self._proc.kill()
 
 
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:  # it ended meanwhile
+        pass
+
+
 def _child(request: dict[str, Any]) -> None:  # pragma: no cover - runs in the forked process
     """Become ``python -m monai.bundle <args>``: the command's folder, environment, output and arguments; never
     returns."""
@@ -121,10 +142,12 @@ def _child(request: dict[str, Any]) -> None:  # pragma: no cover - runs in the f
         os.environ.clear()
         os.environ.update(request["env"])
         fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        errors = request.get("stderr_log")
+        err = fd if not errors else os.open(errors, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(fd, 1)
-        os.dup2(fd, 2)
+        os.dup2(err, 2)
         sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's own descriptors, for its lifetime
         sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
