@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["JOB_EXPERIMENT", "main"]
 
@@ -70,6 +71,8 @@ def _reproduce(args: argparse.Namespace) -> int:
             if stage.name in started:
                 took.append(now - started.pop(stage.name))
             return
+        if bar is not None:
+            bar.close()
         left = f", about {_clock(sum(took) / len(took) * (total - index + 1))} left" if took else ""
         print(f"[{index}/{total}] {stage.name}: {state} ({stage.description}; {_clock(now - began)} elapsed{left})",
               flush=True)
@@ -104,7 +107,9 @@ def _reproduce(args: argparse.Namespace) -> int:
     job = JobRun(out, env["MLFLOW_TRACKING_URI"], JOB_EXPERIMENT, f"reproduce_{preset['name']}")
     if job.open():
         env[PARENT_RUN_ENV] = job.run_id  # every stage's runs nest under the job's run
-    runner = StageRunner(out, env=env, progress=progress, placeholders=placeholders)
+    bar = _StageBar() if sys.stdout.isatty() else None  # a log file gets the stage lines only
+    runner = StageRunner(out, env=env, progress=progress, placeholders=placeholders,
+                         step_progress=bar.show if bar else None)
     try:
         runner.run(stages)
     except StageFailed as exc:
@@ -113,8 +118,35 @@ def _reproduce(args: argparse.Namespace) -> int:
         return 1
     report = build_report(out)
     job.finish({s.name: StageRunner.read_state(s) or {} for s in stages}, report)
-    print(f"\nAll {len(stages)} stages done in {_clock(time.monotonic() - began)}. Report: {report}")
+    from .pipeline.report import summary_lines
+
+    print(f"\nAll {len(stages)} stages done in {_clock(time.monotonic() - began)}. Test metrics (95 % intervals):")
+    print("\n".join(summary_lines(out)))
+    print(f"Report: {report} (and report.html beside it). MLflow: {env['MLFLOW_TRACKING_URI']}, experiment "
+          f"{JOB_EXPERIMENT}")
     return 0
+
+
+class _StageBar:
+    """A progress bar under the current stage's line (tqdm), fed by :class:`~muscle_ext.pipeline.LogProgress`."""
+
+    def __init__(self) -> None:
+        self._bar, self._key = None, None
+
+    def show(self, stage: Any, command: int, fraction: float) -> None:
+        from tqdm import tqdm
+
+        if self._key != (stage.name, command):
+            self.close()
+            self._bar = tqdm(total=100, desc=f"    {stage.name} [{command}]", leave=False,
+                             bar_format="{desc} {bar:30} {percentage:3.0f}% ({elapsed}<{remaining})")
+            self._key = (stage.name, command)
+        self._bar.update(round(fraction * 100) - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._bar, self._key = None, None
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -46,3 +46,19 @@ def test_a_forked_bundle_run_matches_a_fresh_one(tmp_path, monkeypatch):
     finally:
         server.close()
     assert server._proc is None
+
+
+def test_log_progress_reads_monai_stats_lines_as_they_are_written(tmp_path):
+    from muscle_ext.pipeline.runner import LogProgress
+
+    log = tmp_path / "run.log"
+    log.write_text("loading...\n")
+    seen: list[float] = []
+    follow = LogProgress(log, seen.append)
+    assert follow.poll() is None and seen == []  # nothing trained yet
+    with open(log, "a") as f:
+        f.write("2026-12-01 - INFO - Epoch: 1/2, Iter: 5/10 -- loss: 0.5\n2026-12-01 - INFO - Epoch: 2/2, It")
+    assert follow.poll() == 0.25  # the half-written line waits for its end
+    with open(log, "a") as f:
+        f.write("er: 5/10 -- loss: 0.4\n")
+    assert follow.poll() == 0.75 and follow.poll() is None and seen == [0.25, 0.75]

@@ -1,6 +1,20 @@
 """Training engines: the MoCo trainer, the multi-task continual trainer and the detection trainer and evaluator on a
-shared base, mixed precision on any device, learning-rate schedules."""
+shared base, mixed precision on any device, learning-rate schedules, adaptation to a new site (`adaptation`)."""
 
+from .adaptation import (
+    ADAPTATION_METHODS,
+    AdaptationConfig,
+    AdaptationResult,
+    Recalibration,
+    adapt_model,
+    draw_shots,
+    evaluate_adapted,
+    fit_operating_point,
+    load_images,
+    predict_probabilities,
+    save_adapted_model,
+    split_shots,
+)
 from .continual import (
     JOINT,
     DetectionTask,
@@ -22,6 +36,18 @@ from .task_specs import TaskSpec, parse_task_specs, spec_table
 from .trainer import StepTrainer
 
 __all__ = [
+    "ADAPTATION_METHODS",
+    "AdaptationConfig",
+    "AdaptationResult",
+    "Recalibration",
+    "adapt_model",
+    "draw_shots",
+    "evaluate_adapted",
+    "fit_operating_point",
+    "load_images",
+    "predict_probabilities",
+    "save_adapted_model",
+    "split_shots",
     "AutocastInferer",
     "ACC_TOP1",
     "DetectionEvaluator",

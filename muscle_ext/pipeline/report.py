@@ -332,6 +332,32 @@ def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
     return path
 
 
+def summary_lines(root: str | os.PathLike) -> list[str]:
+    """The job's results on one screen: per task, each start's headline test metric with its 95 % interval, and
+    each continual variant's forgetting; read from the same files as the report (an unfinished stage is left out)."""
+    root = Path(root)
+    pipeline = _read_json(root / "pipeline.json") or {"stages": []}
+    lines, tasks = [], {}
+    for stage in pipeline["stages"]:
+        if stage.get("kind") == "downstream":
+            tasks.setdefault(stage["task"], []).append(stage)
+        elif stage.get("kind") == "continual":
+            summary = (_read_json(Path(stage["output_dir"]) / "forgetting.json") or {}).get("summary")
+            if summary:
+                lines.append(f"  continual {NAMES.get(stage['name'], stage['name'])}: average final "
+                             f"{_fmt(summary.get('average'))}, mean forgetting {_fmt(summary.get('mean_forgetting'))}")
+    for task, stages in tasks.items():
+        cells = []
+        for stage in stages:
+            metrics = _read_json(Path(stage["output_dir"]) / "metrics.json")
+            if metrics and HEADLINE.get(metrics.get("task", "")):
+                headline = HEADLINE[metrics["task"]][0]
+                cells.append(f"{NAMES.get(stage['start'], stage['start'])} {_fmt(metrics.get(headline))}")
+        if cells:
+            lines.append(f"  {task} ({headline}): " + "; ".join(cells))
+    return lines
+
+
 _PAGE = """<!doctype html>
 <html lang="en">
 <head>

@@ -23,9 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,8 +38,8 @@ from typing import Any
 from ..handlers.tracking.run import STAGE_ENV
 from .preload import PreloadServer, preloadable
 
-__all__ = ["BundleCommand", "Stage", "StageFailed", "StageRunner", "bundle_command", "code_fingerprint", "printable",
-           "run_command"]
+__all__ = ["BundleCommand", "LogProgress", "Stage", "StageFailed", "StageRunner", "bundle_command", "code_fingerprint",
+           "printable", "run_command"]
 
 REPO_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 
@@ -104,6 +106,52 @@ def run_command(cmd: Sequence[str], log: str | os.PathLike, env: Mapping[str, st
             raise
     return {"command": printable(cmd), "wall_s": round(time.perf_counter() - start, 1),
             "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "returncode": os.waitstatus_to_exitcode(status)}
+
+
+class LogProgress:
+    """While a bundle command runs, follow its log for MONAI's ``StatsHandler`` lines (``Epoch: 2/3, Iter: 5/20``)
+    and report the fraction of training done (0-1) to ``callback``, about once per ``interval`` seconds. A context
+    manager: a thread that reads only what the log gained since the last look, and stops on exit."""
+
+    PATTERN = re.compile(rb"Epoch: (\d+)/(\d+), Iter: (\d+)/(\d+)")
+
+    def __init__(self, log: str | os.PathLike, callback: Callable[[float], None], interval: float = 1.0) -> None:
+        self.log, self.callback, self.interval = Path(log), callback, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._offset, self._last = 0, -1.0
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def poll(self) -> float | None:
+        """Read what the log gained; report and return the newest fraction, or ``None`` when there is none yet."""
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except OSError:
+            return None
+        cut = chunk.rfind(b"\n") + 1  # a line still being written is read next time
+        self._offset += cut
+        found = self.PATTERN.findall(chunk[:cut])
+        if not found:
+            return None
+        epoch, epochs, iteration, iterations = map(int, found[-1])
+        fraction = min(1.0, (epoch - 1 + iteration / max(iterations, 1)) / max(epochs, 1))
+        if fraction != self._last:
+            self._last = fraction
+            self.callback(fraction)
+        return fraction
+
+    def __enter__(self) -> LogProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @dataclass(frozen=True)
@@ -186,12 +234,16 @@ class StageRunner:
         placeholders: path prefixes written as placeholders in the recorded commands (:func:`printable`).
         preload: run each single-process bundle command in a fork of a process that has imported the stack once
             (:mod:`.preload`; about 15 s less per command on 2 cores); ``False``: a fresh interpreter per command.
+        step_progress: called with ``(stage, command number, fraction done)`` while a command trains (read from
+            its log, :class:`LogProgress`), for a progress bar inside long stages.
     """
 
     def __init__(self, root: str | os.PathLike, env: Mapping[str, str] | None = None,
                  progress: Callable[[int, int, Stage, str], None] | None = None,
-                 placeholders: Mapping[str, str] | None = None, preload: bool = True) -> None:
+                 placeholders: Mapping[str, str] | None = None, preload: bool = True,
+                 step_progress: Callable[[Stage, int, float], None] | None = None) -> None:
         self.root = Path(root)
+        self.step_progress = step_progress or (lambda *args: None)
         self.env = env
         self.preload = preload
         self.placeholders = dict(placeholders or {})
@@ -319,7 +371,8 @@ class StageRunner:
             log = logs / f"{n}_{command.bundle}.log"
             # the stage's runs are tagged with its name (muscle.stage): the report finds their curves
             env = {**(self.env if self.env is not None else os.environ), STAGE_ENV: stage.name}
-            result = run_command(command.argv(), log, env, preload=server)
+            with LogProgress(log, lambda fraction, n=n: self.step_progress(stage, n, fraction)):
+                result = run_command(command.argv(), log, env, preload=server)
             result["command"] = printable(command.argv(), self.placeholders)
             result["log"] = str(log.relative_to(stage.output_dir))
             state["commands"].append(result)
