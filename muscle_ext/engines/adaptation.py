@@ -59,6 +59,8 @@ __all__ = [
     "AdaptationResult",
     "Recalibration",
     "adapt_model",
+    "check_adaptation_paths",
+    "datalist_name",
     "draw_shots",
     "evaluate_adapted",
     "fit_operating_point",
@@ -426,6 +428,24 @@ def adapt_model(model: nn.Module, method: str, shots: tuple[torch.Tensor, torch.
 
 
 # ------------------------------------------------------------------------------------------- scoring and saving
+def datalist_name(path: str | os.PathLike) -> str:
+    """What a model file records of a datalist: its folder's name for ``<name>/datalist.json`` (the corpus layout),
+    else the file's stem; never the path (it may name a hospital's folders)."""
+    path = Path(path)
+    return path.parent.name if path.stem == "datalist" and path.parent.name else path.stem
+
+
+def check_adaptation_paths(model_path: str | os.PathLike, output_model: str | os.PathLike) -> None:
+    """Refuse to write the adapted model over the model it adapts.
+
+    Raises:
+        SettingsError: both name the same file; the message names ``--output_dir``.
+    """
+    if os.path.realpath(model_path) == os.path.realpath(output_model):
+        raise SettingsError(f"--output_dir: the adapted model would overwrite its source {model_path}; give another "
+                            "--output_dir")
+
+
 def evaluate_adapted(result: AdaptationResult, images: torch.Tensor, labels: ArrayLike, n_bootstrap: int = 1000,
                      seed: int = 0) -> dict[str, Any]:
     """Accuracy, sensitivity, specificity (at the result's threshold, on its recalibrated probabilities) and ROC AUC
