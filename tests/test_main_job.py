@@ -181,7 +181,7 @@ def test_no_data_and_unknown_presets_say_what_to_do(tmp_path, capsys, xray_root)
     bad.write_text("- pretrain\n- downstream\n")
     assert main(["reproduce", "--preset", str(bad), "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "a preset is a mapping of" in capsys.readouterr().err
-    bad.write_text((PRESETS / "quick.yaml").read_text().replace("  overrides: {max_items: 320}",
+    bad.write_text((PRESETS / "quick.yaml").read_text().replace("  overrides: {max_items: 320, image_size: 64}",
                                                                 "  overides: {max_items: 320}"))
     assert main(["reproduce", "--preset", str(bad), "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "unknown preset keys downstream#overides" in capsys.readouterr().err  # not dropped silently
@@ -226,6 +226,11 @@ def _fixed_job(tmp_path: Path) -> np.ndarray:
         rows = ["index,label,score", *(f"{i},{y},{s}" for i, (y, s) in enumerate(zip(labels, values, strict=True)))]
         (folder / "per_case.csv").write_text("\n".join(rows) + "\n")
         auc = {"scratch": 1.0, "md_moco": 1.0, "muscle": 0.9}[start]
+        if start == "md_moco":  # also scored at another site
+            stage["external"] = "pneumonia_site2"
+            (folder / "external").mkdir()
+            (folder / "external" / "metrics.json").write_text(json.dumps({
+                "task": "classification", "n": 75, "roc_auc": {"value": 0.62, "ci_low": 0.5, "ci_high": 0.74}}))
         (folder / "metrics.json").write_text(json.dumps({
             "task": "classification", "n": 20, "roc_auc": {"value": auc, "ci_low": auc - 0.1, "ci_high": 1.0},
             "accuracy": {"value": 0.75, "ci_low": 0.5, "ci_high": 0.9}, "sensitivity": 0.8, "specificity": None,
@@ -254,7 +259,7 @@ def test_report_tables_from_fixed_files(tmp_path):
     features = _fixed_job(tmp_path)
     report = build_report(tmp_path, n_resamples=200).read_text().splitlines()
     page = (tmp_path / "report.html").read_text()
-    assert page.count("<table>") == 3 and '<img alt="ROC curves of every start' in page and "<h2>pneumonia" in page
+    assert page.count("<table>") == 4 and '<img alt="ROC curves of every start' in page and "<h2>pneumonia" in page
     assert page.count('src="data:image/png;base64,') == 2 and 'src="figures/' not in page  # figures inline
     start = report.index("## pneumonia (classification, test n = 20)")
     assert report[start + 2:start + 7] == [
@@ -265,6 +270,11 @@ def test_report_tables_from_fixed_files(tmp_path):
         "| MD-MoCo | 1.000 [0.900, 1.000] | 0.750 [0.500, 0.900] | 0.800 | n/a | 0.120 | 0.000 [0.000, 0.000] |  |",
         report[start + 6],
     ]
+    external = report.index("| start | internal roc_auc | external roc_auc | change |")
+    assert report[external - 2].startswith("Another site: the same models, unchanged, on the `pneumonia_site2` test "
+                                           "split (n = 75)")
+    assert report[external + 2] == "| MD-MoCo | 1.000 [0.900, 1.000] | 0.620 [0.500, 0.740] | -0.380 |"
+    assert report[external + 3] == "" and report[external + 4].startswith("## Continual stage")  # one start had it
     muscle_row = report[start + 6].split(" | ")
     assert muscle_row[0] == "| MUSCLE" and muscle_row[1] == "0.900 [0.800, 1.000]"
     # paired, from the per-case files (not from the reported 0.900): 81 of 100 pairs ranked right, AUC 0.81
@@ -312,7 +322,7 @@ def test_report_html_renders_in_a_headless_browser(tmp_path):
     dom = subprocess.run([*browser, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120,
                          check=True).stdout
     assert 'data-images="true,true"' in dom, dom[-2000:]  # the ROC curves and the t-SNE map, both decoded
-    assert dom.count("<table>") == 3 and "<h2>pneumonia (classification, test n = 20)</h2>" in dom
+    assert dom.count("<table>") == 4 and "<h2>pneumonia (classification, test n = 20)</h2>" in dom
     shot = tmp_path / "report.png"
     subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1280,1600", (tmp_path / "report.html").as_uri()],
                    capture_output=True, timeout=120, check=True)

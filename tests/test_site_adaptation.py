@@ -150,7 +150,7 @@ def test_head_only_changes_only_the_head_and_finetune_l2sp_stops_early(site2):
     model = _tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = adapt_model(model, "head", site2["shots"], groups=site2["groups"],
-                         config=AdaptationConfig(head_epochs=20, patience=20))
+                         config=AdaptationConfig(head_epochs=20))
     changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
     assert changed and changed <= {"head.fc.weight", "head.fc.bias"}, sorted(changed)
     assert result.history["epochs"] == 20 and result.recalibration is None and result.threshold == 0.5

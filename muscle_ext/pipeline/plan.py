@@ -13,9 +13,10 @@ A preset's keys (``presets/quick.yaml`` is the reference):
   backbone);
 - ``downstream``: ``configs`` merged after the task's config (e.g. ``quick.yaml``), ``overrides`` for fine-tuning,
   ``starts`` (``scratch``, ``imagenet``, ``md_moco`` or a continual variant), ``tasks`` (``{name: {config,
-  datalist, overrides, paper}}``; ``config`` is a task config of ``bundles/downstream``; ``paper``, optional, names
-  the paper's dataset whose published results the report shows beside the task's, a key of
-  :data:`muscle_ext.pipeline.paper.PAPER`);
+  datalist, overrides, paper, external}}``; ``config`` is a task config of ``bundles/downstream``; ``paper``,
+  optional, names the paper's dataset whose published results the report shows beside the task's, a key of
+  :data:`muscle_ext.pipeline.paper.PAPER`; ``external``, optional, a datalist of another site whose ``test`` split
+  each fine-tuned model is also scored on, unchanged: the report gives internal vs external with the drop);
 - ``nproc_per_node`` (optional, in ``pretrain``, ``continual`` and ``downstream``): train under ``torchrun`` with
   that many processes (one per GPU), the bundle's ``multi_gpu_train.yaml`` merged after its training config;
   ``muscle reproduce --nproc-per-node N`` sets it for every section. Evaluation stays one process, and detection
@@ -48,7 +49,7 @@ SECTION_KEYS = {"pretrain": ("configs", "overrides", "nproc_per_node"),
                 "continual": ("configs", "overrides", "variants", "nproc_per_node"),
                 "downstream": ("configs", "overrides", "starts", "tasks", "nproc_per_node"),
                 "embedding_map": ("datalist", "section", "color_by")}
-TASK_KEYS = ("config", "datalist", "overrides", "paper")
+TASK_KEYS = ("config", "datalist", "overrides", "paper", "external")
 
 
 def load_preset(name_or_path: str | os.PathLike) -> dict[str, Any]:
@@ -147,7 +148,7 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
     pre, cont, down = preset["pretrain"], preset.get("continual") or {}, preset["downstream"]
 
     named = [*_datalists(pre.get("overrides", {})), *_datalists(cont.get("overrides", {})),
-             *(Path(spec["datalist"]) for spec in down["tasks"].values())]
+             *(Path(spec[key]) for spec in down["tasks"].values() for key in ("datalist", "external") if spec.get(key))]
     missing = [p for p in named if not p.is_file()]
     if missing:
         raise FileNotFoundError(
@@ -211,9 +212,17 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
                                   {**down.get("overrides", {}), **spec.get("overrides", {}), **where, **init},
                                   processes)
             evaluate = BundleCommand("downstream", ("common.yaml", spec["config"], "evaluate.yaml"), where)
-            stages.append(Stage(name, folder, [train, evaluate], needs=needs, inputs=inputs,
-                                outputs=("metrics.json",), description=f"{task} from {start}",
-                                extra={"kind": "downstream", "task": task, "start": start,
+            commands, outputs, extra = [train, evaluate], ["metrics.json"], {}
+            if spec.get("external"):  # the same model on another site's test split, in its own folder
+                external = Path(spec["external"])
+                commands.append(BundleCommand("downstream", ("common.yaml", spec["config"], "evaluate.yaml"),
+                                              {**where, "datalist": external, "output_dir": folder / "external",
+                                               "model_dir": folder / "models"}))
+                inputs, extra = (*inputs, external), {"external": external.parent.name}
+                outputs.append("external/metrics.json")
+            stages.append(Stage(name, folder, commands, needs=needs, inputs=inputs,
+                                outputs=tuple(outputs), description=f"{task} from {start}",
+                                extra={"kind": "downstream", "task": task, "start": start, **extra,
                                        **({"paper": spec["paper"]} if spec.get("paper") else {})}))
     mapping = preset.get("embedding_map")
     if mapping:

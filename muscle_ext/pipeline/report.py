@@ -170,6 +170,26 @@ def _embedding_figure(root: Path, stages: list[dict]) -> Path | None:
     return plot_embedding_maps(maps, root / "figures" / "embeddings_tsne.png")
 
 
+def _external_lines(by_start: dict[str, dict], done: set[str], headline: str) -> list[str]:
+    """Internal vs another site's test split for the starts whose stage scored one (``external`` in the preset)."""
+    rows = []
+    for start, stage in by_start.items():
+        if not stage.get("external") or stage["name"] not in done:
+            continue
+        internal = (_read_json(Path(stage["output_dir"]) / "metrics.json") or {}).get(headline)
+        external_metrics = _read_json(Path(stage["output_dir"]) / "external" / "metrics.json") or {}
+        external = external_metrics.get(headline)
+        value = [e.get("value") if isinstance(e, dict) else e for e in (internal, external)]
+        drop = f"{value[1] - value[0]:+.3f}" if None not in value else "n/a"
+        rows.append(f"| {NAMES.get(start, start)} | {_fmt(internal)} | {_fmt(external)} | {drop} |")
+        site, n = stage["external"], external_metrics.get("n", "?")
+    if not rows:
+        return []
+    return ["", f"Another site: the same models, unchanged, on the `{site}` test split (n = {n}); the change is the "
+                "external minus the internal value, over different cases (no pairing).", "",
+            f"| start | internal {headline} | external {headline} | change |", "|---|---|---|---|", *rows]
+
+
 def _leakage_section(check: dict | None) -> list[str]:
     """The data check (:mod:`.data_check`): what of each test split also sits in training or pre-training data."""
     if check is None:
@@ -283,6 +303,7 @@ def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
             if figure is not None:
                 lines += ["", f"![ROC curves of every start on the {task} test set]"
                               f"({figure.relative_to(root).as_posix()})"]
+        lines += _external_lines(by_start, done, headline)
 
     continual = [s for s in stages if s.get("kind") == "continual"]
     if continual:
