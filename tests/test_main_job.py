@@ -372,6 +372,13 @@ def test_full_preset_trains_under_torchrun_and_evaluates_in_one_process(xray_roo
     assert {c.nproc_per_node for s in two for c in s.commands} == {1, 2}
     single = build_stages(load_preset("quick"), xray_root, tmp_path / "quick")
     assert all(c.nproc_per_node == 1 and "torch.distributed.run" not in c.argv() for s in single for c in s.commands)
+    pneumonia = next(s for s in single if s.name == "pneumonia_muscle")  # quick also scores it at another site
+    external = pneumonia.commands[2].overrides
+    assert external["datalist"] == xray_root.resolve() / "pneumonia_site2" / "datalist.json"
+    assert external["output_dir"] == pneumonia.output_dir / "external"
+    assert external["model_dir"] == pneumonia.output_dir / "models" and "init" not in external
+    assert pneumonia.outputs == ("metrics.json", "external/metrics.json")
+    assert pneumonia.extra["external"] == "pneumonia_site2"
     with pytest.raises(SettingsError, match="nproc_per_node must be a whole number >= 1"):
         build_stages(load_preset("full"), xray_root, tmp_path / "full", nproc_per_node=0)
     assert main(["reproduce", "--preset", "full", "--data", str(xray_root), "--out", str(tmp_path / "dry"),
