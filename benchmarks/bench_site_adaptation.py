@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.transforms import Compose, NormalizeIntensityd
+from scipy.stats import rankdata
 
 from muscle_ext.data import load_datalist, xray_preprocessing
 from muscle_ext.engines import AdaptationConfig, adapt_model, draw_shots, predict_probabilities
@@ -122,21 +123,27 @@ def train_reverse_sources(args: argparse.Namespace, overrides: dict) -> dict[str
 
 
 # -------------------------------------------------------------------------------------------------- metrics
+def _aucs(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """ROC AUC of each row of ``scores (D, N)`` by the rank-sum (Mann-Whitney) formula, ties as halves: the
+    vectorised form of :func:`muscle_ext.metrics.roc_auc` (which takes ~3 ms a call: too slow for 10^5 calls)."""
+    positive = labels == 1
+    n1, n0 = int(positive.sum()), int((~positive).sum())
+    ranks = rankdata(scores, axis=1)
+    return (ranks[:, positive].sum(axis=1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
 def mean_ci_over_draws_and_cases(labels: np.ndarray, scores: np.ndarray, resamples: int, seed: int) -> dict:
     """Mean ROC AUC over draws (rows of ``scores (D, N)``) and a 95 % percentile interval from resampling both the
     test cases (stratified, :func:`muscle_ext.metrics.bootstrap_indices`) and the draws (with replacement)."""
-    draws = len(scores)
-    point = float(np.mean([roc_auc(labels, s) for s in scores]))
-    unique = [d for d in range(draws) if not any(np.array_equal(scores[d], scores[e]) for e in range(d))]
-    same = {d: next(e for e in unique if np.array_equal(scores[d], scores[e])) for d in range(draws)}
+    per_draw = np.array([roc_auc(labels, s) for s in scores])
+    assert np.allclose(per_draw, _aucs(labels, scores))  # the fast form agrees with the reference
     rng = np.random.default_rng(seed + 1)
-    values = []
-    for idx in bootstrap_indices(labels, resamples, seed):
-        per_draw = {d: roc_auc(labels[idx], scores[d][idx]) for d in unique}
-        values.append(np.mean([per_draw[same[int(d)]] for d in rng.integers(0, draws, draws)]))
-    low, high = np.nanpercentile(values, [2.5, 97.5])
-    return {"value": point, "ci_low": float(low), "ci_high": float(high),
-            "per_draw": [float(roc_auc(labels, s)) for s in scores]}
+    draws = len(scores)
+    values = [_aucs(labels[idx], scores[:, idx])[rng.integers(0, draws, draws)].mean()
+              for idx in bootstrap_indices(labels, resamples, seed)]
+    low, high = np.percentile(values, [2.5, 97.5])
+    return {"value": float(per_draw.mean()), "ci_low": float(low), "ci_high": float(high),
+            "per_draw": per_draw.tolist()}
 
 
 def at_threshold(labels: np.ndarray, scores: np.ndarray, thresholds: list[float]) -> dict:

@@ -80,6 +80,10 @@ def test_the_main_job_checks_its_test_splits_and_the_report_says_what_it_found(s
               Stage("site2_scratch", tmp_path / "site2", [], inputs=(task,), extra={"kind": "downstream"})]
     test, reference = leakage_sets(stages)
     assert test == [(task, "test")] and reference == [(pool, "training"), (task, "training"), (task, "validation")]
+    other = xray_root / "pneumonia_nih" / "datalist.json"  # another site a model is scored at: its test split only
+    scored = Stage("site2_md_moco", tmp_path / "x", [], inputs=(task, other),
+                   extra={"kind": "downstream", "external_datalist": str(other)})
+    assert leakage_sets([*stages, scored]) == ([(task, "test"), (other, "test")], reference)
     checked = check_job_data(stages, tmp_path, placeholders={str(xray_root): "<data>", str(tmp_path): "<out>"})
     assert checked["leaks"] == 1 and checked["tests"][0]["datalist"] == "<data>/pneumonia_site2/datalist.json"
     assert checked["tests"][0]["leaks"] == [{"entry": 7, "reference": "<out>/pool.json:training", "reference_entry": 0,

@@ -26,17 +26,18 @@ def _sections(path: Path) -> list[str]:
 
 
 def leakage_sets(stages: Sequence[Stage]) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
-    """``(test, reference)`` ``(datalist, section)`` pairs of a job: every downstream task's ``test`` section, against
-    every other section of every datalist a stage reads (the pre-training pool whole, the tasks' training and
-    validation splits)."""
+    """``(test, reference)`` ``(datalist, section)`` pairs of a job: every downstream task's ``test`` section (and
+    that of another site it is scored at), against every other section of every datalist a stage trains on (the
+    pre-training pool whole, the tasks' training and validation splits; not another site's, which nothing trains on)."""
     test: dict[Path, None] = {}
     read: dict[Path, None] = {}
     for stage in stages:
-        for path in stage.inputs:
-            if path.suffix == ".json":
-                read[Path(path)] = None
-                if stage.extra.get("kind") == "downstream" and "test" in _sections(Path(path)):
-                    test[Path(path)] = None
+        external = stage.extra.get("external_datalist")
+        for path in (Path(p) for p in stage.inputs if Path(p).suffix == ".json"):
+            if stage.extra.get("kind") == "downstream" and "test" in _sections(path):
+                test[path] = None
+            if str(path) != external:
+                read[path] = None
     reference = [(path, section) for path in read for section in _sections(path) if section != "test"]
     return [(path, "test") for path in test], reference
 

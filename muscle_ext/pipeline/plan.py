@@ -218,7 +218,8 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
                 commands.append(BundleCommand("downstream", ("common.yaml", spec["config"], "evaluate.yaml"),
                                               {**where, "datalist": external, "output_dir": folder / "external",
                                                "model_dir": folder / "models"}))
-                inputs, extra = (*inputs, external), {"external": external.parent.name}
+                inputs = (*inputs, external)
+                extra = {"external": external.parent.name, "external_datalist": str(external)}
                 outputs.append("external/metrics.json")
             stages.append(Stage(name, folder, commands, needs=needs, inputs=inputs,
                                 outputs=tuple(outputs), description=f"{task} from {start}",
