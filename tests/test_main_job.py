@@ -181,8 +181,8 @@ def test_no_data_and_unknown_presets_say_what_to_do(tmp_path, capsys, xray_root)
     bad.write_text("- pretrain\n- downstream\n")
     assert main(["reproduce", "--preset", str(bad), "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "a preset is a mapping of" in capsys.readouterr().err
-    bad.write_text((PRESETS / "quick.yaml").read_text().replace("  overrides: {max_items: 256,",
-                                                                "  overides: {max_items: 256,"))
+    bad.write_text((PRESETS / "quick.yaml").read_text().replace("  overrides: {max_items: 192,",
+                                                                "  overides: {max_items: 192,"))
     assert main(["reproduce", "--preset", str(bad), "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
     assert "unknown preset keys downstream#overides" in capsys.readouterr().err  # not dropped silently
     with pytest.raises(SettingsError, match="start 'imagenet' needs a local weights file"):
@@ -195,7 +195,7 @@ def test_a_setting_no_bundle_has_stops_the_job_before_any_stage(tmp_path, capsys
     preset = PRESETS / "quick.yaml"
     typo = tmp_path / "typo.yaml"
     typo.write_text(preset.read_text().replace("memorization_weight: 0.0", "memorisation_weight: 0.0")
-                    .replace("max_items: 256", "max_item: 256"))
+                    .replace("max_items: 192", "max_item: 192"))
     out = tmp_path / "job"
     for extra in (["--dry-run"], []):  # the dry run checks too; a real run stops before writing anything
         assert main(["reproduce", "--preset", str(typo), "--data", str(xray_root), "--out", str(out), *extra]) == 2
@@ -377,6 +377,8 @@ def test_full_preset_trains_under_torchrun_and_evaluates_in_one_process(xray_roo
     assert external["datalist"] == xray_root.resolve() / "pneumonia_site2" / "datalist.json"
     assert external["output_dir"] == pneumonia.output_dir / "external"
     assert external["model_dir"] == pneumonia.output_dir / "models" and "init" not in external
+    assert pneumonia.commands[1].overrides["n_bootstrap"] == external["n_bootstrap"] == 500  # evaluate_overrides
+    assert "n_bootstrap" not in pneumonia.commands[0].overrides and "max_items" not in external
     assert pneumonia.outputs == ("metrics.json", "external/metrics.json")
     assert pneumonia.extra["external"] == "pneumonia_site2"
     with pytest.raises(SettingsError, match="nproc_per_node must be a whole number >= 1"):

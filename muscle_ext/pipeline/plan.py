@@ -12,11 +12,12 @@ A preset's keys (``presets/quick.yaml`` is the reference):
 - ``continual``: ``configs``, ``overrides`` and ``variants`` (``{name: overrides}``; each starts from the MD-MoCo
   backbone);
 - ``downstream``: ``configs`` merged after the task's config (e.g. ``quick.yaml``), ``overrides`` for fine-tuning,
-  ``starts`` (``scratch``, ``imagenet``, ``md_moco`` or a continual variant), ``tasks`` (``{name: {config,
-  datalist, overrides, paper, external}}``; ``config`` is a task config of ``bundles/downstream``; ``paper``,
-  optional, names the paper's dataset whose published results the report shows beside the task's, a key of
-  :data:`muscle_ext.pipeline.paper.PAPER`; ``external``, optional, a datalist of another site whose ``test`` split
-  each fine-tuned model is also scored on, unchanged: the report gives internal vs external with the drop);
+  ``evaluate_overrides`` for the test-set evaluations (e.g. ``n_bootstrap``), ``starts`` (``scratch``, ``imagenet``,
+  ``md_moco`` or a continual variant), ``tasks`` (``{name: {config, datalist, overrides, paper, external}}``;
+  ``config`` is a task config of ``bundles/downstream``; ``paper``, optional, names the paper's dataset whose
+  published results the report shows beside the task's, a key of :data:`muscle_ext.pipeline.paper.PAPER`;
+  ``external``, optional, a datalist of another site whose ``test`` split each fine-tuned model is also scored on,
+  unchanged: the report gives internal vs external with the drop);
 - ``nproc_per_node`` (optional, in ``pretrain``, ``continual`` and ``downstream``): train under ``torchrun`` with
   that many processes (one per GPU), the bundle's ``multi_gpu_train.yaml`` merged after its training config;
   ``muscle reproduce --nproc-per-node N`` sets it for every section. Evaluation stays one process, and detection
@@ -47,7 +48,7 @@ PRESETS = Path(__file__).with_name("presets")
 PRESET_KEYS = ("description", "warning", "synthetic", "pretrain", "continual", "downstream", "embedding_map")
 SECTION_KEYS = {"pretrain": ("configs", "overrides", "nproc_per_node"),
                 "continual": ("configs", "overrides", "variants", "nproc_per_node"),
-                "downstream": ("configs", "overrides", "starts", "tasks", "nproc_per_node"),
+                "downstream": ("configs", "overrides", "evaluate_overrides", "starts", "tasks", "nproc_per_node"),
                 "embedding_map": ("datalist", "section", "color_by")}
 TASK_KEYS = ("config", "datalist", "overrides", "paper", "external")
 
@@ -206,17 +207,18 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
             elif start != "scratch":
                 init, needs = {"init": "checkpoint", "init_weights": backbones[start]}, (start,)
             where = {"datalist": datalist, "output_dir": folder, **common}
+            scoring = {**down.get("evaluate_overrides", {}), **where}
             processes = 1 if spec["config"] == "detection.yaml" else nproc["downstream"]  # no multi-GPU detection
             configs = _multi_gpu(("common.yaml", spec["config"], *down.get("configs", ())), spec["config"], processes)
             train = BundleCommand("downstream", configs,
                                   {**down.get("overrides", {}), **spec.get("overrides", {}), **where, **init},
                                   processes)
-            evaluate = BundleCommand("downstream", ("common.yaml", spec["config"], "evaluate.yaml"), where)
+            evaluate = BundleCommand("downstream", ("common.yaml", spec["config"], "evaluate.yaml"), scoring)
             commands, outputs, extra = [train, evaluate], ["metrics.json"], {}
             if spec.get("external"):  # the same model on another site's test split, in its own folder
                 external = Path(spec["external"])
                 commands.append(BundleCommand("downstream", ("common.yaml", spec["config"], "evaluate.yaml"),
-                                              {**where, "datalist": external, "output_dir": folder / "external",
+                                              {**scoring, "datalist": external, "output_dir": folder / "external",
                                                "model_dir": folder / "models"}))
                 inputs = (*inputs, external)
                 extra = {"external": external.parent.name, "external_datalist": str(external)}
