@@ -56,6 +56,9 @@ def test_roc_auc_is_the_mann_whitney_statistic_with_ties():
     assert len(np.unique(s)) < 15  # ties present
     u = mannwhitneyu(s[y == 1], s[y == 0]).statistic  # independent: U counts ties as one half
     assert roc_auc(y, s) == pytest.approx(u / ((y == 1).sum() * (y == 0).sum()), abs=1e-12)
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)  # the value scikit-learn gives
     assert roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
     assert roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 1.0
     assert np.isnan(roc_auc([1, 1, 1], [0.1, 0.2, 0.3]))

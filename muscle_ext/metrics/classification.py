@@ -40,12 +40,18 @@ def _binary(y_true: ArrayLike) -> np.ndarray:
 
 
 def roc_auc(y_true: ArrayLike, y_score: ArrayLike) -> float:
-    """Area under the ROC curve (``sklearn.metrics.roc_auc_score``): P(score_pos > score_neg) + 0.5 P(tie).
-    NaN when only one class is present (scikit-learn raises there)."""
+    """Area under the ROC curve: P(score_pos > score_neg) + 0.5 P(tie), as ``sklearn.metrics.roc_auc_score`` gives
+    it, computed as the Mann-Whitney U statistic of the positives' ranks (``scipy.stats.rankdata``, ties averaged;
+    Hanley & McNeil 1982). The same number as scikit-learn's (tested), without its input checks, which cost ~40x
+    the computation in the thousands of bootstrap resamples of every report. NaN when only one class is present
+    (scikit-learn raises there)."""
     y_true = _binary(y_true)
-    if y_true.all() or not y_true.any():
+    n_pos = int(y_true.sum())
+    n_neg = y_true.size - n_pos
+    if n_pos == 0 or n_neg == 0:
         return float("nan")
-    return float(skm.roc_auc_score(y_true, np.asarray(y_score, dtype=float).ravel()))
+    ranks = rankdata(np.asarray(y_score, dtype=float).ravel())
+    return float((ranks[y_true].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def roc_curve(y_true: ArrayLike, y_score: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
