@@ -49,8 +49,9 @@ def _reproduce(args: argparse.Namespace) -> int:
             write_synthetic_corpus(args.data)
     if args.data is None:
         print("muscle reproduce: no data given. Point --data at a folder with the preset's datalists (e.g. "
-              "--data ../shared/data/xray for the quick preset), convert a public dataset into datalists first, or "
-              "give your own preset file (--preset my_pipeline.yaml) that names your datalists.", file=sys.stderr)
+              "--data ../shared/data/xray for the quick preset), convert a public dataset into datalists first "
+              "(`muscle data convert --list`), or give your own preset file (--preset my_pipeline.yaml) that names "
+              "your datalists.", file=sys.stderr)
         return 2
     out = Path(args.out).absolute()
     stages = build_stages(preset, args.data, out, imagenet_weights=args.imagenet_weights, seed=args.seed,

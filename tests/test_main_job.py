@@ -75,7 +75,9 @@ def test_synthetic_preset_end_to_end_reuses_reruns_and_reports(tmp_path, capsys,
     assert (out / "synthetic_data" / "pretrain_datalist.json").is_file()
     report = (out / "report.md").read_text()
     assert "**SYNTHETIC PHANTOMS: these numbers show that every stage runs" in report  # said loudly
-    table = [line for line in report.splitlines() if line.startswith("| ")]
+    finding = report[report.index("## finding ("):]  # the task's table (the data check's comes first)
+    table = [line for line in finding.splitlines() if line.startswith("| ")]
+    assert "## Data check: test splits against training and pre-training data" in report
     assert [row.split(" | ")[0][2:] for row in table[1:1 + len(starts)]] == starts, table
     aucs = [float(row.split(" | ")[1].split()[0]) for row in table[1:1 + len(starts)]]
     assert max(aucs) > 0.8, table  # the phantoms' finding is learnable: the stages learn
