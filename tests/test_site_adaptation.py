@@ -192,7 +192,8 @@ def test_the_adapt_config_writes_a_model_that_records_its_slice_and_method(tmp_p
     run_bundle("downstream", ["common.yaml", "classification.yaml", "adapt.yaml"],
                {"dataset_dir": xray_root, "model_path": source, "output_dir": out,
                 "target_datalist": xray_root / "pneumonia_site2" / "datalist.json", "k": 5, "draw": 1,
-                "method": "adabn+recalibrate", "max_items": 12, "num_workers": 0, "n_bootstrap": 20})
+                "method": "adabn+recalibrate", "max_items": 12, "num_workers": 0, "n_bootstrap": 20,
+                "batch_size": 5})  # several batches of images of different sizes, concatenated and sliced again
     payload = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
     adaptation = payload["settings"]["adaptation"]
     assert payload["settings"]["image_size"] == SIZE and payload["settings"]["format"] == "muscle-model/1"

@@ -163,7 +163,8 @@ def load_images(items: Sequence[Mapping[str, Any]], transform: Callable, batch_s
     loader = DataLoader(Dataset(list(items), transform), batch_size=batch_size, num_workers=num_workers)
     images, labels = [], []
     for batch in loader:
-        images.append(torch.as_tensor(batch[image_key]).float())
+        # plain tensors: MetaTensors of images of different sizes cannot be sliced again (inconsistent meta data)
+        images.append(torch.as_tensor(batch[image_key]).as_subclass(torch.Tensor).float())
         if label_key in batch:
             labels.append(torch.as_tensor(batch[label_key]).long().view(-1))
     if not images:
@@ -339,7 +340,7 @@ def _retrain_head(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         loss = loss_fn(head(features), labels)
         (loss + config.l2sp_weight * l2sp_penalty(params, anchor)).backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     head.eval()
     return {"epochs": int(config.head_epochs), "train_loss": [losses[0], losses[-1]] if losses else []}
 
