@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .runner import Stage
+from .runner import Stage, file_digest, with_placeholders
 
 __all__ = ["LEAKAGE_FILE", "check_job_data", "leakage_sets"]
 
@@ -29,23 +29,26 @@ def leakage_sets(stages: Sequence[Stage]) -> tuple[list[tuple[Path, str]], list[
     """``(test, reference)`` ``(datalist, section)`` pairs of a job: every downstream task's ``test`` section (and
     that of another site it is scored at), against every other section of every datalist a stage trains on (the
     pre-training pool whole, the tasks' training and validation splits; not another site's, which nothing trains on)."""
+    sections: dict[Path, list[str]] = {}  # each datalist read once (every start of a task names the same one)
     test: dict[Path, None] = {}
     read: dict[Path, None] = {}
     for stage in stages:
         external = stage.extra.get("external_datalist")
         for path in (Path(p) for p in stage.inputs if Path(p).suffix == ".json"):
-            if stage.extra.get("kind") == "downstream" and "test" in _sections(path):
+            if path not in sections:
+                sections[path] = _sections(path)
+            if stage.extra.get("kind") == "downstream" and "test" in sections[path]:
                 test[path] = None
             if str(path) != external:
                 read[path] = None
-    reference = [(path, section) for path in read for section in _sections(path) if section != "test"]
+    reference = [(path, section) for path in read for section in sections[path] if section != "test"]
     return [(path, "test") for path in test], reference
 
 
 def _digest(pairs: Sequence[tuple[Path, str]], threshold: float) -> str:
     digest = hashlib.sha256(json.dumps([[str(p), s] for p, s in pairs] + [threshold]).encode())
     for path in dict.fromkeys(p for p, _ in pairs):
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+        digest.update(file_digest(path).encode())
     return digest.hexdigest()
 
 
@@ -70,18 +73,13 @@ def check_job_data(stages: Sequence[Stage], out: str | os.PathLike, placeholders
     except (OSError, ValueError):
         pass
 
-    def named(text: str) -> str:
-        for prefix, placeholder in sorted((placeholders or {}).items(), key=lambda kv: -len(kv[0])):
-            text = text.replace(prefix, placeholder)
-        return text
-
     summaries = check_datalists(test, reference, threshold=threshold) if test and reference else []
     for summary in summaries:
-        summary["datalist"] = named(summary["datalist"])
+        summary["datalist"] = with_placeholders(summary["datalist"], placeholders)
         for leak in summary["leaks"]:
-            leak["reference"] = named(leak["reference"])
+            leak["reference"] = with_placeholders(leak["reference"], placeholders)
     result = {"fingerprint": fingerprint, "threshold": threshold,
-              "reference": [f"{named(str(p))}:{s}" for p, s in reference], "tests": summaries,
+              "reference": [f"{with_placeholders(str(p), placeholders)}:{s}" for p, s in reference], "tests": summaries,
               "leaks": sum(len(s["leaks"]) for s in summaries)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")

@@ -421,7 +421,6 @@ def write_html(markdown_text: str, path: str | os.PathLike, title: str = "MUSCLE
 
 
 _IMG_SRC = re.compile(r'(<img\b[^>]*?\bsrc=")([^"]+)(")')
-_MIME = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
 
 def _data_uri(folder: Path, src: str) -> str:
@@ -429,9 +428,10 @@ def _data_uri(folder: Path, src: str) -> str:
     absolute URL, or a figure that is missing: the browser then shows its alt text)."""
     import base64
     import html
+    import mimetypes
 
     file = folder / src
-    mime = _MIME.get(file.suffix.lower())
-    if mime is None or "://" in src or src.startswith("data:") or not file.is_file():
+    mime = mimetypes.guess_type(file.name)[0] or ""
+    if not mime.startswith("image/") or "://" in src or src.startswith("data:") or not file.is_file():
         return html.escape(src)
     return f"data:{mime};base64," + base64.b64encode(file.read_bytes()).decode("ascii")

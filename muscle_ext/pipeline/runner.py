@@ -20,6 +20,7 @@ sum) are recorded in ``stage.json``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -39,7 +40,7 @@ from ..handlers.tracking.run import STAGE_ENV
 from .preload import PreloadServer, preloadable
 
 __all__ = ["BundleCommand", "LogProgress", "Stage", "StageFailed", "StageRunner", "bundle_command", "code_fingerprint",
-           "printable", "run_command"]
+           "file_digest", "printable", "run_command", "with_placeholders"]
 
 REPO_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 
@@ -75,7 +76,12 @@ def printable(cmd: Sequence[str], placeholders: Mapping[str, str] | None = None)
     import shlex
 
     head, rest = ("torchrun", cmd[3:]) if tuple(cmd[1:3]) == TORCHRUN else ("python", cmd[1:])
-    text = " ".join([head, *(shlex.quote(str(c)) for c in rest)])
+    return with_placeholders(" ".join([head, *(shlex.quote(str(c)) for c in rest)]), placeholders)
+
+
+def with_placeholders(text: str, placeholders: Mapping[str, str] | None = None) -> str:
+    """``text`` with each path prefix in ``placeholders`` (e.g. ``{"/data/xray": "<data>"}``) written as its
+    placeholder, longest prefix first."""
     for prefix, placeholder in sorted((placeholders or {}).items(), key=lambda kv: -len(kv[0])):
         text = text.replace(prefix, placeholder)
     return text
@@ -94,18 +100,19 @@ def run_command(cmd: Sequence[str], log: str | os.PathLike, env: Mapping[str, st
     start = time.perf_counter()
     if preload is not None and preloadable(cmd):
         status, maxrss_kib = preload.run(cmd, log, env)
-        return {"command": printable(cmd), "wall_s": round(time.perf_counter() - start, 1),
-                "peak_rss_gib": round(maxrss_kib / 2**20, 2), "returncode": os.waitstatus_to_exitcode(status)}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT, env=None if env is None else dict(env))
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        except BaseException:  # e.g. Ctrl-C: do not leave the training run behind
-            proc.kill()
-            proc.wait()
-            raise
+    else:
+        with open(log, "w") as out:
+            proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT,
+                                    env=None if env is None else dict(env))
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)
+            except BaseException:  # e.g. Ctrl-C: do not leave the training run behind
+                proc.kill()
+                proc.wait()
+                raise
+        maxrss_kib = usage.ru_maxrss
     return {"command": printable(cmd), "wall_s": round(time.perf_counter() - start, 1),
-            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "returncode": os.waitstatus_to_exitcode(status)}
+            "peak_rss_gib": round(maxrss_kib / 2**20, 2), "returncode": os.waitstatus_to_exitcode(status)}
 
 
 class LogProgress:
@@ -215,7 +222,8 @@ def code_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -243,7 +251,7 @@ class StageRunner:
                  placeholders: Mapping[str, str] | None = None, preload: bool = True,
                  step_progress: Callable[[Stage, int, float], None] | None = None) -> None:
         self.root = Path(root)
-        self.step_progress = step_progress or (lambda *args: None)
+        self.step_progress = step_progress
         self.env = env
         self.preload = preload
         self.placeholders = dict(placeholders or {})
@@ -265,7 +273,7 @@ class StageRunner:
         for need in stage.needs:
             digest.update(self.fingerprints[need].encode())
         for path in sorted(Path(p) for p in stage.inputs):  # the order they were named in means nothing
-            digest.update(_file_digest(path).encode())
+            digest.update(file_digest(path).encode())
         return digest.hexdigest()
 
     @staticmethod
@@ -371,7 +379,10 @@ class StageRunner:
             log = logs / f"{n}_{command.bundle}.log"
             # the stage's runs are tagged with its name (muscle.stage): the report finds their curves
             env = {**(self.env if self.env is not None else os.environ), STAGE_ENV: stage.name}
-            with LogProgress(log, lambda fraction, n=n: self.step_progress(stage, n, fraction)):
+            # a thread that follows the log only when someone shows its progress
+            follow = (LogProgress(log, lambda fraction, n=n: self.step_progress(stage, n, fraction))
+                      if self.step_progress else contextlib.nullcontext())
+            with follow:
                 result = run_command(command.argv(), log, env, preload=server)
             result["command"] = printable(command.argv(), self.placeholders)
             result["log"] = str(log.relative_to(stage.output_dir))
