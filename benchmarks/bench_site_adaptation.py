@@ -21,7 +21,6 @@ start; their draws differ only in the recalibration fitted on the shots. Writes
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import re
@@ -31,12 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.transforms import Compose, NormalizeIntensityd
-from scipy.stats import rankdata
 
 from muscle_ext.data import load_datalist, xray_preprocessing
-from muscle_ext.engines import AdaptationConfig, adapt_model, draw_shots, predict_probabilities
-from muscle_ext.metrics import bootstrap_indices, roc_auc, sensitivity, specificity
-from muscle_ext.networks import BackboneClassifier, adapt_batchnorm, build_backbone, find_backbone, load_model_file
+from muscle_ext.engines import AdaptationConfig, LabelledImages, adaptation_curves, best_methods
+from muscle_ext.networks import BackboneClassifier, build_backbone, load_model_file
 
 from common import RESULTS, machine, monai_run, write_result
 
@@ -124,106 +121,17 @@ def train_reverse_sources(args: argparse.Namespace, overrides: dict) -> dict[str
     return out
 
 
-# -------------------------------------------------------------------------------------------------- metrics
-def _aucs(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """ROC AUC of each row of ``scores (D, N)`` by the rank-sum (Mann-Whitney) formula, ties as halves: the
-    vectorised form of :func:`muscle_ext.metrics.roc_auc` (which takes ~3 ms a call: too slow for 10^5 calls)."""
-    positive = labels == 1
-    n1, n0 = int(positive.sum()), int((~positive).sum())
-    ranks = rankdata(scores, axis=1)
-    return (ranks[:, positive].sum(axis=1) - n1 * (n1 + 1) / 2) / (n1 * n0)
-
-
-def mean_ci_over_draws_and_cases(labels: np.ndarray, scores: np.ndarray, resamples: int, seed: int) -> dict:
-    """Mean ROC AUC over draws (rows of ``scores (D, N)``) and a 95 % percentile interval from resampling both the
-    test cases (stratified, :func:`muscle_ext.metrics.bootstrap_indices`) and the draws (with replacement)."""
-    per_draw = np.array([roc_auc(labels, s) for s in scores])
-    assert np.allclose(per_draw, _aucs(labels, scores))  # the fast form agrees with the reference
-    rng = np.random.default_rng(seed + 1)
-    draws = len(scores)
-    values = [_aucs(labels[idx], scores[:, idx])[rng.integers(0, draws, draws)].mean()
-              for idx in bootstrap_indices(labels, resamples, seed)]
-    low, high = np.percentile(values, [2.5, 97.5])
-    return {"value": float(per_draw.mean()), "ci_low": float(low), "ci_high": float(high),
-            "per_draw": per_draw.tolist()}
-
-
-def at_threshold(labels: np.ndarray, scores: np.ndarray, thresholds: list[float]) -> dict:
-    sens = [sensitivity(labels, s >= t) for s, t in zip(scores, thresholds, strict=True)]
-    spec = [specificity(labels, s >= t) for s, t in zip(scores, thresholds, strict=True)]
-    return {"sensitivity": float(np.mean(sens)), "specificity": float(np.mean(spec)),
-            "threshold": float(np.mean(thresholds))}
-
-
-# ----------------------------------------------------------------------------------------------- adaptation
-@torch.no_grad()
-def pooled_features(model: BackboneClassifier, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """The backbone's pooled features ``(N, F)`` in eval mode."""
-    backbone = find_backbone(model).eval()
-    return torch.cat([backbone(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-
-
 def adapt_start(model: BackboneClassifier, settings: dict, direction: dict, cache: ImageCache,
                 args: argparse.Namespace) -> dict:
-    """Every method x k x draw for one source model; per cell the scores of every draw on both test splits."""
-    pool_items, pool_images, pool_labels = cache.get(direction["target"], "training", settings)
-    test_items, target_images, target_labels = cache.get(direction["target"], "test", settings)
-    _, source_images, source_labels = cache.get(direction["source"], "test", settings)
+    """Every method x k x draw for one source model (:func:`muscle_ext.engines.adaptation_curves`)."""
+    def section(datalist: Path, name: str) -> LabelledImages:
+        return LabelledImages(*cache.get(datalist, name, settings))
+
     config = AdaptationConfig(calibration=args.calibration, batch_size=32, finetune_epochs=args.finetune_epochs,
                               patience=args.patience)
-    predict = {"target": lambda m: predict_probabilities(m, target_images),
-               "source": lambda m: predict_probabilities(m, source_images)}
-    started = time.perf_counter()
-    adabn_model = adapt_batchnorm(copy.deepcopy(model),
-                                  [pool_images[i:i + 32] for i in range(0, len(pool_images), 32)]).eval()
-    fixed = {"none": (model, {s: f(model) for s, f in predict.items()}),
-             "adabn": (adabn_model, {s: f(adabn_model) for s, f in predict.items()})}
-    # head methods change the head only: the frozen backbone's features of both test splits are computed once
-    features = {base: {"target": pooled_features(m, target_images), "source": pooled_features(m, source_images)}
-                for base, (m, _) in fixed.items()}
-    cells: dict[str, dict[int, dict]] = {m: {} for m in args.methods}
-    for k in args.ks:
-        for draw in range(args.draws):
-            _, indices = draw_shots(pool_items, k, draw, exclude=test_items)
-            shots = (pool_images[indices], torch.as_tensor(pool_labels[indices]))
-            groups = [pool_items[i].get("patient_id") for i in indices]
-            for method in args.methods:
-                t0 = time.perf_counter()
-                base = "adabn" if method.startswith("adabn") else "none"
-                rest = method.removeprefix("adabn").lstrip("+") or "none"
-                if rest in ("none", "recalibrate"):  # the weights stay those of the label-free model
-                    result = adapt_model(fixed[base][0], rest, shots, groups=groups, config=config)
-                    scores = {s: (p if result.recalibration is None else result.recalibration(p))
-                              for s, p in fixed[base][1].items()}
-                elif rest == "head":
-                    result = adapt_model(copy.deepcopy(fixed[base][0]), rest, shots, groups=groups, config=config)
-                    with torch.no_grad():
-                        scores = {s: torch.softmax(result.model.head(f), dim=1)[:, 1].numpy().astype(float)
-                                  for s, f in features[base].items()}
-                else:
-                    result = adapt_model(copy.deepcopy(fixed[base][0]), rest, shots, groups=groups, config=config)
-                    scores = {s: f(result.model) for s, f in predict.items()}
-                cell = cells[method].setdefault(k, {"target": [], "source": [], "threshold": [], "epochs": [],
-                                                    "stopped_early": [], "seconds": []})
-                cell["target"].append(scores["target"])
-                cell["source"].append(scores["source"])
-                cell["threshold"].append(result.threshold)
-                cell["epochs"].append(result.history.get("epochs"))
-                cell["stopped_early"].append(result.history.get("stopped_early"))
-                cell["seconds"].append(time.perf_counter() - t0)
-    out: dict = {"seconds": round(time.perf_counter() - started, 1), "methods": {}}
-    for method, by_k in cells.items():
-        out["methods"][method] = {}
-        for k, cell in by_k.items():
-            target, source = np.stack(cell["target"]), np.stack(cell["source"])
-            out["methods"][method][str(k)] = {
-                "target_auc": mean_ci_over_draws_and_cases(target_labels, target, args.resamples, args.seed),
-                "source_auc": mean_ci_over_draws_and_cases(source_labels, source, args.resamples, args.seed),
-                "target_at_threshold": at_threshold(target_labels, target, cell["threshold"]),
-                "epochs": cell["epochs"], "stopped_early": cell["stopped_early"],
-                "seconds_per_draw": round(float(np.mean(cell["seconds"])), 2)}
-    out["n_target_test"], out["n_source_test"] = int(len(target_labels)), int(len(source_labels))
-    return out
+    return adaptation_curves(model, args.methods, args.ks, args.draws, section(direction["target"], "training"),
+                             section(direction["target"], "test"), section(direction["source"], "test"),
+                             config=config, n_resamples=args.resamples, seed=args.seed)
 
 
 def run_direction(name: str, models: dict[str, Path], source: str, target: str, cache: ImageCache,
@@ -246,16 +154,13 @@ def _fmt(entry: dict) -> str:
     return f"{entry['value']:.3f} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}]"
 
 
-def best_rows(direction: dict, ks: list[int]) -> list[dict]:
+def best_rows(direction: dict) -> list[dict]:
+    """The best method per start and k (:func:`muscle_ext.engines.best_methods`); results written before the curves
+    moved to the library lack ``ks``: they are read from the cells."""
     rows = []
     for start, result in direction["starts"].items():
-        none = result["methods"]["none"]
-        for k in ks:
-            cells = {m: by_k[str(k)] for m, by_k in result["methods"].items() if str(k) in by_k}
-            best = max(cells, key=lambda m: cells[m]["target_auc"]["value"])
-            rows.append({"start": start, "k": k, "best": best, "target_auc": cells[best]["target_auc"],
-                         "source_auc": cells[best]["source_auc"], "before_target": none[str(k)]["target_auc"],
-                         "before_source": none[str(k)]["source_auc"]})
+        ks = result.get("ks") or sorted({int(k) for by_k in result["methods"].values() for k in by_k})
+        rows += [{"start": start, **row} for row in best_methods({**result, "ks": ks})]
     return rows
 
 
@@ -284,8 +189,8 @@ def markdown(result: dict) -> str:
         lines += ["### Best method per start and k (by mean new-site AUC)", "",
                   "| start | k | best method | new-site AUC | before (no adaptation) | old-site AUC after | old site "
                   "before |", "|---|---|---|---|---|---|---|"]
-        for row in best_rows(direction, s["ks"]):
-            lines.append(f"| {row['start']} | {row['k']} | {row['best']} | {_fmt(row['target_auc'])} | "
+        for row in best_rows(direction):
+            lines.append(f"| {row['start']} | {row['k']} | {row['method']} | {_fmt(row['target_auc'])} | "
                          f"{row['before_target']['value']:.3f} | {_fmt(row['source_auc'])} | "
                          f"{row['before_source']['value']:.3f} |")
         for start, res in direction["starts"].items():

@@ -232,6 +232,10 @@ COMBINATIONS: tuple[Requires, ...] = (
     Requires("init_heads", ("validate_every_visit",), lambda v: _flag(v, "validate_every_visit") is not False,
              "--validate_every_visit true (the guardrail table compares each task's score before training with its "
              "final one)", workflows=("train",)),
+    *(Requires(name, ("ks",), lambda v: False,
+               "adapt.yaml alone (adapt_curves.yaml sweeps --methods, --ks and --draws and writes no model)",
+               workflows=("evaluate",))
+      for name in ("method", "k", "draw")),
     Requires("input_dir", ("input_datalist",), lambda v: not v["input_datalist"],
              "no --input_datalist (a datalist names its own files)", workflows=("inference",)),
     Requires("input_section", ("input_datalist",), lambda v: bool(v["input_datalist"]),

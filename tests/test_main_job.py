@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -303,6 +304,60 @@ def test_report_tables_from_fixed_files(tmp_path):
     assert imread(tmp_path / "figures" / "embeddings_tsne.png")[..., :3].std() > 0.05
 
 
+def _curves(values: dict[str, list[float]], ks: tuple[int, ...] = (5, 20)) -> dict:
+    """adaptation_curves.json with new-site AUCs per method (one per k) and the old site at 0.7."""
+    def cell(v: float) -> dict:
+        return {"value": v, "ci_low": v - 0.1, "ci_high": min(v + 0.1, 1.0), "per_draw": [v, v]}
+
+    return {"ks": list(ks), "draws": 2, "n_target_test": 75, "n_source_test": 160, "n_pool": 350,
+            "methods": {m: {str(k): {"target_auc": cell(v), "source_auc": cell(0.7)} for k, v in zip(ks, vs,
+                                                                                                   strict=True)}
+                        for m, vs in values.items()}}
+
+
+def test_report_shows_the_adaptation_curves_with_the_best_method_per_start_and_k(tmp_path):
+    _fixed_job(tmp_path)
+    pipeline = json.loads((tmp_path / "pipeline.json").read_text())
+    for start, values in {"md_moco": {"none": [0.3, 0.3], "head": [0.8, 0.9], "adabn": [0.5, 0.5]},
+                          "muscle": {"none": [0.4, 0.4], "head": [0.85, 0.88], "adabn": [0.6, 0.95]}}.items():
+        stage = _write_stage(tmp_path, f"adapt_pneumonia_{start}", "adaptation", task="pneumonia", start=start,
+                             external="pneumonia_site2")
+        (Path(stage["output_dir"]) / "adaptation_curves.json").write_text(json.dumps(_curves(values)))
+        pipeline["stages"].append(stage)
+    (tmp_path / "pipeline.json").write_text(json.dumps(pipeline))
+    report = build_report(tmp_path, n_resamples=50).read_text().splitlines()
+    start = report.index("### Adapting the pneumonia models to `pneumonia_site2`")
+    header = report.index("| start | k | best method | new-site ROC AUC | as it came | own site after | own site "
+                          "before |")
+    assert start < header < report.index("## Continual stage: forgetting")
+    assert report[header + 2:header + 6] == [
+        "| MD-MoCo | 5 | head | 0.800 [0.700, 0.900] | 0.300 | 0.700 [0.600, 0.800] | 0.700 |",
+        "| MD-MoCo | 20 | head | 0.900 [0.800, 1.000] | 0.300 | 0.700 [0.600, 0.800] | 0.700 |",
+        "| MUSCLE | 5 | head | 0.850 [0.750, 0.950] | 0.400 | 0.700 [0.600, 0.800] | 0.700 |",
+        "| MUSCLE | 20 | adabn | 0.950 [0.850, 1.000] | 0.400 | 0.700 [0.600, 0.800] | 0.700 |"]
+    assert "(n = 75; mean over draws" in report[start + 2] and "2 k-shot draws per k" in report[start + 2]
+    assert report[header + 7] == ("![pneumonia models adapted to pneumonia_site2: new-site ROC AUC against k, a line "
+                                  "per method](figures/pneumonia_adaptation.png)")
+    from matplotlib.image import imread
+
+    figure = imread(tmp_path / "figures" / "pneumonia_adaptation.png")
+    assert figure.shape[1] > figure.shape[0] and figure[..., :3].std() > 0.05  # two panels side by side, drawn
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"adapt": {"k": [5]}}, "unknown preset keys downstream#tasks#pneumonia#adapt#k"),
+    ({"adapt": {}, "external": None}, "lacks downstream#tasks#pneumonia#external (adapt needs another site's"),
+    ({"adapt": {}, "config": "segmentation.yaml"}, "adaptation is for classification tasks"),
+])
+def test_a_wrong_adapt_entry_stops_the_plan_with_its_key(tmp_path, xray_root, change, message):
+    preset = yaml.safe_load((PRESETS / "quick.yaml").read_text())
+    preset["downstream"]["tasks"]["pneumonia"].update(change)
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        build_stages(load_preset(path), xray_root, tmp_path / "out")
+
+
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 
 
@@ -360,8 +415,12 @@ def test_full_preset_trains_under_torchrun_and_evaluates_in_one_process(xray_roo
 
     stages = build_stages(load_preset("full"), xray_root, tmp_path / "full")
     StageRunner.check(stages)
-    assert [s.name for s in stages][:4] == ["md_moco", "muscle", "muscle_minus", "joint"] and len(stages) == 24
-    for stage in stages:
+    assert [s.name for s in stages][:4] == ["md_moco", "muscle", "muscle_minus", "joint"] and len(stages) == 29
+    adaptation = [s for s in stages if s.extra["kind"] == "adaptation"]
+    assert [s.name for s in adaptation] == [f"adapt_pneumonia_{s}" for s in ("scratch", "md_moco", "muscle_minus",
+                                                                             "joint", "muscle")]
+    assert all(len(s.commands) == 1 and s.commands[0].nproc_per_node == 1 for s in adaptation)
+    for stage in (s for s in stages if s not in adaptation):
         train, *evaluate = stage.commands
         detection = "detection.yaml" in train.configs
         assert train.nproc_per_node == (1 if detection else 4), stage.name
@@ -418,13 +477,15 @@ def test_full_preset_at_tiny_sizes_runs_under_torchrun_with_two_gloo_processes(x
             preset[section][key] = {name: preset[section][key][name] for name in value}
         else:
             preset[section][key] = value
+    preset["downstream"]["tasks"]["pneumonia"]["adapt"] = {"methods": ["none", "head", "finetune_l2sp"], "ks": [2],
+                                                           "draws": 1, "finetune_epochs": 1}
     path = tmp_path / "full_tiny.yaml"
     path.write_text(yaml.safe_dump(preset))
     out = tmp_path / "job"
     code, said = _reproduce(capsys, "--preset", path, "--data", xray_root, "--out", out, "--nproc-per-node", 2)
     assert code == 0, said
     stages = ["md_moco", "muscle", "muscle_minus", "joint", "pneumonia_scratch", "pneumonia_muscle", "tb_scratch",
-              "tb_muscle"]
+              "tb_muscle", "adapt_pneumonia_muscle"]
     assert all(f"] {name}: run" in said for name in stages), said
     log = (out / "md_moco" / "logs" / "1_muscle_pretrain.log").read_text()
     parsed = [line for line in log.splitlines() if line.startswith("parsing config_file [")]

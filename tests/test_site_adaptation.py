@@ -237,3 +237,66 @@ def test_a_bad_method_or_too_large_k_stops_with_a_short_error(tmp_path, xray_roo
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out" / "models" / "model.pt").exists()
+
+
+def test_mean_auc_over_draws_is_the_mean_of_each_draws_auc_with_an_interval_around_it():
+    from sklearn.metrics import roc_auc_score
+
+    from muscle_ext.engines import mean_auc_over_draws
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(30), np.ones(20)].astype(int)
+    scores = labels + rng.normal(0, 1.0, size=(4, 50))
+    result = mean_auc_over_draws(labels, scores, n_resamples=200, seed=0)
+    expected = [roc_auc_score(labels, s) for s in scores]
+    assert np.allclose(result["per_draw"], expected)
+    assert result["value"] == pytest.approx(np.mean(expected))
+    assert result["ci_low"] < result["value"] < result["ci_high"]
+
+
+def test_adapt_curves_config_sweeps_methods_k_and_draws_and_writes_no_model(tmp_path, xray_root):
+    from tests.bundle_utils import run_bundle
+
+    source = _model_file(tmp_path / "source", xray_root)
+    out = tmp_path / "curves"
+    run_bundle("downstream", ["common.yaml", "classification.yaml", "adapt.yaml", "adapt_curves.yaml"],
+               {"dataset_dir": xray_root, "model_path": source, "output_dir": out,
+                "target_datalist": xray_root / "pneumonia_site2" / "datalist.json",
+                "methods": ["none", "recalibrate", "adabn", "head"], "ks": [2, 4], "draws": 2,
+                "max_items": 16, "num_workers": 0, "n_bootstrap": 20})
+    curves = json.loads((out / "adaptation_curves.json").read_text())
+    assert curves["ks"] == [2, 4] and curves["draws"] == 2 and curves["target_datalist"] == "pneumonia_site2"
+    assert set(curves["methods"]) == {"none", "recalibrate", "adabn", "head"}
+    for method, by_k in curves["methods"].items():
+        for k in ("2", "4"):
+            assert len(by_k[k]["target_auc"]["per_draw"]) == 2, method
+            assert by_k[k]["target_auc"]["ci_low"] <= by_k[k]["target_auc"]["value"] <= by_k[k]["target_auc"][
+                "ci_high"]
+    # recalibration is monotone: the ranking, hence every draw's AUC, is that of the model as it came
+    assert curves["methods"]["recalibrate"]["4"]["target_auc"]["per_draw"] == pytest.approx(
+        curves["methods"]["none"]["4"]["target_auc"]["per_draw"])
+    assert curves["n_target_test"] == 16 and curves["n_source_test"] == 16
+    assert [row["k"] for row in curves["best"]] == [2, 4]
+    assert (out / "figures" / "adaptation_curves.png").stat().st_size > 5000
+    assert not (out / "models" / "model.pt").exists()
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"k": 5}, "--k is ignored with ks [5, 10, 20]"),
+    ({"methods": ["none", "hed"]}, "did you mean head?"),
+    ({"ks": [1, 5], "methods": ["finetune_l2sp"]}, "every k must be at least 2"),
+])
+def test_adapt_curves_refuses_a_single_model_setting_or_an_unknown_method(tmp_path, xray_root, override, message):
+    import subprocess
+
+    from tests.bundle_utils import bundle_command, bundle_env
+
+    source = _model_file(tmp_path / "source", xray_root)
+    settings = {"dataset_dir": xray_root, "model_path": source, "output_dir": tmp_path / "out",
+                "target_datalist": xray_root / "pneumonia_site2" / "datalist.json", "num_workers": 0, **override}
+    proc = subprocess.run(bundle_command("downstream", ["common.yaml", "classification.yaml", "adapt.yaml",
+                                                        "adapt_curves.yaml"], settings),
+                          capture_output=True, text=True, timeout=300, env=bundle_env())
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out" / "adaptation_curves.json").exists()

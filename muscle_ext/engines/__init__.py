@@ -17,6 +17,14 @@ from .adaptation import (
     save_adapted_model,
     split_shots,
 )
+from .adaptation_curves import (
+    LabelledImages,
+    adaptation_curves,
+    best_methods,
+    check_curve_settings,
+    mean_auc_over_draws,
+    write_adaptation_curves,
+)
 from .continual import (
     JOINT,
     DetectionTask,
@@ -52,6 +60,12 @@ __all__ = [
     "predict_probabilities",
     "save_adapted_model",
     "split_shots",
+    "LabelledImages",
+    "adaptation_curves",
+    "best_methods",
+    "check_curve_settings",
+    "mean_auc_over_draws",
+    "write_adaptation_curves",
     "AutocastInferer",
     "ACC_TOP1",
     "DetectionEvaluator",

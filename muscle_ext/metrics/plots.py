@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from muscle_ext.metrics.classification import roc_auc, roc_curve, to_positive_prob
 
-__all__ = ["plot_confusion_matrix", "plot_embedding_maps", "plot_regression_scatter", "plot_reliability",
-           "plot_roc_curve", "plot_roc_curves", "plot_segmentation_overlay", "plot_training_curves"]
+__all__ = ["plot_adaptation_curves", "plot_confusion_matrix", "plot_embedding_maps", "plot_regression_scatter",
+           "plot_reliability", "plot_roc_curve", "plot_roc_curves", "plot_segmentation_overlay", "plot_training_curves"]
 
 
 def _pyplot():
@@ -177,3 +178,32 @@ def plot_embedding_maps(maps: Mapping[str, tuple[ArrayLike, Sequence[str]]], pat
     fig.suptitle(title)
     return _save(fig, path)
 
+
+
+def plot_adaptation_curves(panels: Mapping[str, Mapping[str, Any]], path: str | os.PathLike,
+                           title: str = "Adapting to the new site") -> Path:
+    """One panel per source model: new-site ROC AUC (mean over k-shot draws, its 95 % interval as a band) against
+    ``k`` (labelled patients per class), a line per adaptation method, ``none`` (the model as it came) dashed.
+
+    ``panels``: ``{name: curves}`` with ``curves`` as :func:`muscle_ext.engines.adaptation_curves` returns them
+    (``{"ks": [...], "methods": {method: {str(k): {"target_auc": {"value", "ci_low", "ci_high"}}}}}``)."""
+    plt = _pyplot()
+    methods = sorted({m for curves in panels.values() for m in curves["methods"]})
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False, sharey=True)
+    for ax, (name, curves) in zip(axes[0], panels.items(), strict=True):
+        for method, by_k in curves["methods"].items():
+            ks = [k for k in curves["ks"] if str(k) in by_k]
+            cells = [by_k[str(k)]["target_auc"] for k in ks]
+            values = [c["value"] for c in cells]
+            style = {"ls": "--", "lw": 1.2} if method == "none" else {"lw": 1.8, "marker": "o", "ms": 4}
+            ax.plot(ks, values, color=colours[method], label=method, **style)
+            if method != "none":
+                ax.fill_between(ks, [c["ci_low"] for c in cells], [c["ci_high"] for c in cells],
+                                color=colours[method], alpha=0.12, lw=0)
+        ax.axhline(0.5, c="grey", lw=0.8, ls=":")
+        ax.set(title=name, xlabel="labelled patients per class (k)", xticks=curves["ks"], ylim=(0, 1))
+    axes[0][0].set_ylabel("new-site ROC AUC")
+    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)

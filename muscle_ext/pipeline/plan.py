@@ -17,7 +17,10 @@ A preset's keys (``presets/quick.yaml`` is the reference):
   ``config`` is a task config of ``bundles/downstream``; ``paper``, optional, names the paper's dataset whose
   published results the report shows beside the task's, a key of :data:`muscle_ext.pipeline.paper.PAPER`;
   ``external``, optional, a datalist of another site whose ``test`` split each fine-tuned model is also scored on,
-  unchanged: the report gives internal vs external with the drop);
+  unchanged: the report gives internal vs external with the drop; ``adapt``, optional with ``external`` on a
+  classification task, ``{methods, ks, draws, finetune_epochs}`` (any subset; the rest as in ``adapt_curves.yaml``):
+  each fine-tuned model is then adapted to that site with k labelled patients per class of its ``training`` split,
+  every method, k and draw (``adapt_curves.yaml``, one stage per start), and the report draws the curves);
 - ``nproc_per_node`` (optional, in ``pretrain``, ``continual`` and ``downstream``): train under ``torchrun`` with
   that many processes (one per GPU), the bundle's ``multi_gpu_train.yaml`` merged after its training config;
   ``muscle reproduce --nproc-per-node N`` sets it for every section. Evaluation stays one process, and detection
@@ -50,7 +53,8 @@ SECTION_KEYS = {"pretrain": ("configs", "overrides", "nproc_per_node"),
                 "continual": ("configs", "overrides", "variants", "nproc_per_node"),
                 "downstream": ("configs", "overrides", "evaluate_overrides", "starts", "tasks", "nproc_per_node"),
                 "embedding_map": ("datalist", "section", "color_by")}
-TASK_KEYS = ("config", "datalist", "overrides", "paper", "external")
+TASK_KEYS = ("config", "datalist", "overrides", "paper", "external", "adapt")
+ADAPT_KEYS = ("methods", "ks", "draws", "finetune_epochs")  # settings of bundles/downstream/configs/adapt_curves.yaml
 
 
 def load_preset(name_or_path: str | os.PathLike) -> dict[str, Any]:
@@ -81,15 +85,21 @@ def load_preset(name_or_path: str | os.PathLike) -> dict[str, Any]:
                if isinstance(preset.get(section), Mapping) for key in preset[section] if key not in known]
     unknown += [f"downstream#tasks#{task}#{key}" for task, spec in ((preset.get("downstream") or {}).get("tasks")
                 or {}).items() if isinstance(spec, Mapping) for key in spec if key not in TASK_KEYS]
+    unknown += [f"downstream#tasks#{task}#adapt#{key}" for task, spec in ((preset.get("downstream") or {}).get("tasks")
+                or {}).items() if isinstance(spec, Mapping) and isinstance(spec.get("adapt"), Mapping)
+                for key in spec["adapt"] if key not in ADAPT_KEYS]
     if unknown:
         allowed = "; ".join(f"{section}: {', '.join(keys)}" for section, keys in SECTION_KEYS.items())
         raise SettingsError(f"{path.name}: unknown preset keys {', '.join(unknown)}; known: {allowed}; "
-                            f"each task: {', '.join(TASK_KEYS)}")
+                            f"each task: {', '.join(TASK_KEYS)}; adapt: {', '.join(ADAPT_KEYS)}")
     required = {"pretrain": ("configs",), "downstream": ("starts", "tasks")}
     problems = [f"{section}#{key}" for section, keys in required.items() for key in (section, *keys)[1:]
                 if not isinstance(preset.get(section), Mapping) or key not in preset[section]]
     problems += [f"downstream#tasks#{task}#{key}" for task, spec in (preset.get("downstream") or {}).get("tasks", {})
                  .items() for key in ("config", "datalist") if not isinstance(spec, Mapping) or key not in spec]
+    problems += [f"downstream#tasks#{task}#external (adapt needs another site's datalist)" for task, spec in
+                 (preset.get("downstream") or {}).get("tasks", {}).items()
+                 if isinstance(spec, Mapping) and spec.get("adapt") is not None and not spec.get("external")]
     if problems:
         raise SettingsError(f"{path.name} lacks {', '.join(problems)} (presets/quick.yaml shows every key)")
     preset["name"] = path.stem
@@ -128,6 +138,24 @@ def _multi_gpu(configs: tuple[str, ...], after: str, nproc: int) -> tuple[str, .
         return configs
     index = configs.index(after) + 1
     return (*configs[:index], "multi_gpu_train.yaml", *configs[index:])
+
+
+def _adaptation_stage(task: str, start: str, spec: Mapping[str, Any], scoring: Mapping[str, Any], trained: Path,
+                      out: Path) -> Stage:
+    """The fine-tuned ``task`` model of ``start`` adapted to the ``external`` site: ``adapt_curves.yaml``."""
+    if spec["config"] != "classification.yaml":
+        raise SettingsError(f"downstream#tasks#{task}#adapt: adaptation is for classification tasks (two classes); "
+                            f"{task} uses {spec['config']}: remove its adapt entry")
+    name, folder = f"adapt_{task}_{start}", out / "adaptation" / f"{task}_{start}"
+    external = Path(spec["external"])
+    overrides = {**scoring, **dict(spec["adapt"] or {}), "model_path": trained / "models" / "model.pt",
+                 "target_datalist": external, "output_dir": folder}
+    command = BundleCommand("downstream", ("common.yaml", spec["config"], "adapt.yaml", "adapt_curves.yaml"),
+                            overrides)
+    return Stage(name, folder, [command], needs=(f"{task}_{start}",), inputs=(Path(spec["datalist"]), external),
+                 outputs=("adaptation_curves.json",),
+                 description=f"{task} from {start} adapted to {external.parent.name}",
+                 extra={"kind": "adaptation", "task": task, "start": start, "external": external.parent.name})
 
 
 def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | os.PathLike,
@@ -227,6 +255,8 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
                                 outputs=tuple(outputs), description=f"{task} from {start}",
                                 extra={"kind": "downstream", "task": task, "start": start, **extra,
                                        **({"paper": spec["paper"]} if spec.get("paper") else {})}))
+            if spec.get("adapt") is not None:
+                stages.append(_adaptation_stage(task, start, spec, scoring, folder, out))
     mapping = preset.get("embedding_map")
     if mapping:
         datalist = Path(mapping["datalist"])

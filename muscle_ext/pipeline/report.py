@@ -10,6 +10,9 @@ stage's ``stage.json`` and outputs, and writes ``<root>/report.md``:
 - per classification task, the ROC curves of every start in one figure (``figures/<task>_roc.png``);
 - with an ``embedding_map`` in the preset, a t-SNE map of each pre-trained backbone's embeddings, coloured by an item
   key such as the body part (``figures/embeddings_tsne.png``);
+- per classification task with another site and ``adapt`` in the preset, the models adapted to that site with k
+  labelled patients per class: the best method per start and k and a figure of every method's curve
+  (``figures/<task>_adaptation.png``);
 - the continual stage's forgetting summary per variant (average score, BWT, FWT, forgetting; ``forgetting.json``);
 - every stage's wall time, peak memory and the exact commands it ran (each runnable on its own).
 
@@ -190,6 +193,44 @@ def _external_lines(by_start: dict[str, dict], done: set[str], headline: str) ->
             f"| start | internal {headline} | external {headline} | change |", "|---|---|---|---|", *rows]
 
 
+def _adaptation_lines(root: Path, task: str, stages: list[dict], done: set[str]) -> list[str]:
+    """The fine-tuned models adapted to the other site (``adapt_curves.yaml``'s ``adaptation_curves.json``): per start
+    and k the best method's new-site AUC against the model as it came, the old site's AUC after adapting, and one
+    figure with a panel per start."""
+    from ..engines import best_methods
+    from ..metrics.plots import plot_adaptation_curves
+
+    if not stages:
+        return []
+    curves = {s["start"]: _read_json(Path(s["output_dir"]) / "adaptation_curves.json") for s in stages
+              if s["name"] in done}
+    curves = {start: c for start, c in curves.items() if c}
+    site = stages[0]["external"]
+    lines = ["", f"### Adapting the {task} models to `{site}`", ""]
+    if not curves:
+        return [*lines, "No finished adaptation stage yet."]
+    first = next(iter(curves.values()))
+    lines += [f"Each fine-tuned model adapted with k labelled patients per class of `{site}`'s training split "
+              f"({first['draws']} k-shot draws per k, nested across k, never a test patient) by each of "
+              f"{', '.join(f'`{m}`' for m in first['methods'])}; ROC AUC on `{site}`'s test split (n = "
+              f"{first['n_target_test']}; mean over draws, 95 % interval over test cases and draws) and on the "
+              f"task's own test split after adapting (what it costs at home). `none` is the model as it came.", "",
+              "| start | k | best method | new-site ROC AUC | as it came | own site after | own site before |",
+              "|---|---|---|---|---|---|---|"]
+    for start, result in curves.items():
+        for row in best_methods(result):
+            before = row["before_target"], row["before_source"]
+            lines.append(f"| {NAMES.get(start, start)} | {row['k']} | {row['method']} | {_fmt(row['target_auc'])} | "
+                         f"{_fmt(before[0]['value']) if before[0] else 'n/a'} | {_fmt(row['source_auc'])} | "
+                         f"{_fmt(before[1]['value']) if before[1] else 'n/a'} |")
+    figure = plot_adaptation_curves({NAMES.get(start, start): c for start, c in curves.items()},
+                                    root / "figures" / f"{task}_adaptation.png",
+                                    title=f"{task}: adapting to {site} (new-site test ROC AUC)")
+    lines += ["", f"![{task} models adapted to {site}: new-site ROC AUC against k, a line per method]"
+                  f"({figure.relative_to(root).as_posix()})"]
+    return lines
+
+
 def _leakage_section(check: dict | None) -> list[str]:
     """The data check (:mod:`.data_check`): what of each test split also sits in training or pre-training data."""
     if check is None:
@@ -304,6 +345,8 @@ def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
                 lines += ["", f"![ROC curves of every start on the {task} test set]"
                               f"({figure.relative_to(root).as_posix()})"]
         lines += _external_lines(by_start, done, headline)
+        lines += _adaptation_lines(root, task, [s for s in stages if s.get("kind") == "adaptation"
+                                                and s["task"] == task], done)
 
     continual = [s for s in stages if s.get("kind") == "continual"]
     if continual:
