@@ -358,6 +358,85 @@ def test_a_wrong_adapt_entry_stops_the_plan_with_its_key(tmp_path, xray_root, ch
         build_stages(load_preset(path), xray_root, tmp_path / "out")
 
 
+def test_report_card_sections_from_fixed_files(tmp_path):
+    """Label efficiency (mean over seeds with the job's own stage as the 100 % run), the protocols table and the
+    subgroup table, from fixed per-case files."""
+    from muscle_ext.metrics import mean_over_runs
+
+    _fixed_job(tmp_path)
+    pipeline = json.loads((tmp_path / "pipeline.json").read_text())
+    labels = np.array([0, 1] * 10)
+    rng = np.random.default_rng(0)
+    for start in ("scratch", "muscle"):
+        for fraction, seed in ((0.1, 0), (0.1, 1), (1.0, 1)):
+            stage = _write_stage(tmp_path, f"pneumonia_{start}_fraction{100 * fraction:g}_seed{seed}",
+                                 "label_efficiency", task="pneumonia", start=start, fraction=fraction, seed=seed)
+            scores = labels * (0.2 if fraction < 1 else 0.6) + rng.uniform(0, 1, 20)
+            rows = ["index,label,score", *(f"{i},{y},{v}" for i, (y, v) in enumerate(zip(labels, scores,
+                                                                                           strict=True)))]
+            (Path(stage["output_dir"]) / "per_case.csv").write_text("\n".join(rows) + "\n")
+            pipeline["stages"].append(stage)
+        stage = _write_stage(tmp_path, f"pneumonia_{start}_knn", "protocol", task="pneumonia", start=start,
+                             protocol="knn")
+        (Path(stage["output_dir"]) / "metrics.json").write_text(json.dumps(
+            {"task": "classification", "n": 20, "roc_auc": {"value": 0.7, "ci_low": 0.6, "ci_high": 0.8}}))
+        pipeline["stages"].append(stage)
+    muscle = tmp_path / "pneumonia_muscle" / "metrics.json"
+    report = json.loads(muscle.read_text())
+    report["subgroups"] = {"dataset": [
+        {"value": "nih", "n": 15, "roc_auc": {"value": 0.95, "ci_low": 0.85, "ci_high": 1.0}},
+        {"value": "site2", "n": 5, "roc_auc": {"value": 0.5, "ci_low": 0.1, "ci_high": 0.9},
+         "warning": "n = 5 < 30: too few to compare"}]}
+    muscle.write_text(json.dumps(report))
+    (tmp_path / "pipeline.json").write_text(json.dumps(pipeline))
+    lines = build_report(tmp_path, n_resamples=100).read_text().splitlines()
+
+    table = lines.index("| start | 10 % of labels | 100 % of labels |")
+    expected = mean_over_runs([tmp_path / "pneumonia_muscle" / "per_case.csv",
+                               tmp_path / "pneumonia_muscle_fraction100_seed1" / "per_case.csv"], 100)
+    muscle_row = lines[table + 3].split(" | ")
+    assert lines[table + 2].startswith("| Scratch | ") and muscle_row[0] == "| MUSCLE"
+    assert muscle_row[2] == f"{expected['value']:.3f} [{expected['ci_low']:.3f}, {expected['ci_high']:.3f}] (2 seeds) |"
+    assert "seeds 0, 1;" in lines[table - 2]
+    assert (tmp_path / "figures" / "pneumonia_label_efficiency.png").stat().st_size > 5000
+    protocols = lines.index("| start | fine-tuned | knn |")
+    assert lines[protocols + 2] == "| Scratch | 1.000 [0.900, 1.000] | 0.700 [0.600, 0.800] |"
+    assert lines[protocols + 3] == "| MUSCLE | 0.900 [0.800, 1.000] | 0.700 [0.600, 0.800] |"
+    groups = lines.index("| dataset | n | MUSCLE |")
+    assert lines[groups + 2:groups + 4] == ["| nih | 15 | 0.950 [0.850, 1.000] |",
+                                            "| site2 | 5 ⚠ | 0.500 [0.100, 0.900] |"]
+
+
+def test_card_entries_plan_nested_seeded_runs_and_frozen_protocols(tmp_path, xray_root):
+    preset = load_preset("quick")
+    preset["downstream"]["tasks"]["pneumonia"].update(
+        label_efficiency={"fractions": [0.1, 1.0], "seeds": [0, 1], "starts": ["scratch", "muscle"]},
+        protocols={"starts": ["md_moco"]})
+    preset["downstream"]["tasks"]["lung"]["protocols"] = {}
+    stages = {s.name: s for s in build_stages(preset, xray_root, tmp_path / "out")}
+    card = [n for n, s in stages.items() if s.extra["kind"] == "label_efficiency"]
+    assert card == [f"pneumonia_{start}_fraction{f}_seed{seed}" for start in ("scratch", "muscle")
+                    for f, seed in (("10", 0), ("10", 1), ("100", 1))]  # 100 % at seed 0 is pneumonia_<start>
+    train = stages["pneumonia_muscle_fraction10_seed1"].commands[0].overrides
+    assert train["label_fraction"] == 0.1 and train["seed"] == 1 and train["init"] == "checkpoint"
+    assert stages["pneumonia_muscle_fraction10_seed1"].commands[1].overrides["seed"] == 1
+    probe, knn = stages["pneumonia_md_moco_linear_probe"], stages["pneumonia_md_moco_knn"]
+    assert probe.commands[0].overrides["freeze_backbone"] is True and len(probe.commands) == 2
+    assert knn.commands[0].configs[-1] == "knn.yaml" and "num_epochs" not in knn.commands[0].overrides
+    assert [n for n in stages if n.startswith("lung_") and n.endswith("_knn")] == []  # kNN is for classes
+    assert "lung_muscle_linear_probe" in stages
+    from muscle_ext.pipeline import StageRunner
+
+    StageRunner.check(list(stages.values()))  # every setting is one the bundles have
+    preset["downstream"]["tasks"]["lung"]["protocols"] = {"methods": ["knn"]}
+    with pytest.raises(SettingsError, match="knn votes classes; lung uses segmentation.yaml"):
+        build_stages(preset, xray_root, tmp_path / "out")
+    preset["downstream"]["tasks"]["lung"]["protocols"] = {}
+    preset["downstream"]["tasks"]["pneumonia"]["label_efficiency"]["fractions"] = [0, 0.5]
+    with pytest.raises(SettingsError, match=re.escape("label_efficiency#fractions: shares of the training labels")):
+        build_stages(preset, xray_root, tmp_path / "out")
+
+
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 
 

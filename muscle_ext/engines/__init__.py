@@ -38,6 +38,7 @@ from .continual import (
 from .detection import DetectionEvaluator, DetectionLoss, DetectionPrepareBatch, DetectionTrainer, unwrap_detector
 from .events import TaskEvents
 from .inferers import AutocastInferer
+from .knn import KNNClassifier, check_knn_task
 from .moco_trainer import ACC_TOP1, MoCoTrainer, PrepareTwoViews, unwrap_moco
 from .precision import autocast_on, bf16_is_fast, needs_grad_scaler
 from .schedules import cosine_with_warmup, cosine_with_warmup_factor
@@ -67,6 +68,8 @@ __all__ = [
     "mean_auc_over_draws",
     "write_adaptation_curves",
     "AutocastInferer",
+    "KNNClassifier",
+    "check_knn_task",
     "ACC_TOP1",
     "DetectionEvaluator",
     "DetectionTask",

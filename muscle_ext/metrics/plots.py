@@ -16,8 +16,9 @@ from numpy.typing import ArrayLike
 
 from muscle_ext.metrics.classification import roc_auc, roc_curve, to_positive_prob
 
-__all__ = ["plot_adaptation_curves", "plot_confusion_matrix", "plot_embedding_maps", "plot_regression_scatter",
-           "plot_reliability", "plot_roc_curve", "plot_roc_curves", "plot_segmentation_overlay", "plot_training_curves"]
+__all__ = ["plot_adaptation_curves", "plot_confusion_matrix", "plot_embedding_maps", "plot_label_efficiency",
+           "plot_regression_scatter", "plot_reliability", "plot_roc_curve", "plot_roc_curves",
+           "plot_segmentation_overlay", "plot_training_curves"]
 
 
 def _pyplot():
@@ -206,4 +207,22 @@ def plot_adaptation_curves(panels: Mapping[str, Mapping[str, Any]], path: str | 
     axes[0][0].set_ylabel("new-site ROC AUC")
     axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_label_efficiency(curves: Mapping[str, Mapping[float, Mapping[str, float]]], path: str | os.PathLike,
+                          metric: str, title: str = "Label efficiency") -> Path:
+    """The headline metric against the share of training labels (log axis, in %), a line per starting point with
+    its 95 % interval as a band: ``{start: {fraction: {"value", "ci_low", "ci_high"}}}``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, by_fraction in curves.items():
+        fractions = sorted(by_fraction)
+        percent = [100 * f for f in fractions]
+        ax.plot(percent, [by_fraction[f]["value"] for f in fractions], marker="o", ms=4, lw=1.8, label=name)
+        ax.fill_between(percent, [by_fraction[f]["ci_low"] for f in fractions],
+                        [by_fraction[f]["ci_high"] for f in fractions], alpha=0.12, lw=0)
+    ax.set_xscale("log")
+    ax.set(xlabel="training labels used (%)", ylabel=metric, title=title)
+    ax.legend(fontsize=8)
     return _save(fig, path)

@@ -20,7 +20,15 @@ A preset's keys (``presets/quick.yaml`` is the reference):
   unchanged: the report gives internal vs external with the drop; ``adapt``, optional with ``external`` on a
   classification task, ``{methods, ks, draws, finetune_epochs}`` (any subset; the rest as in ``adapt_curves.yaml``):
   each fine-tuned model is then adapted to that site with k labelled patients per class of its ``training`` split,
-  every method, k and draw (``adapt_curves.yaml``, one stage per start), and the report draws the curves);
+  every method, k and draw (``adapt_curves.yaml``, one stage per start), and the report draws the curves;
+  ``evaluate_overrides``, optional: the task's own evaluation settings (e.g. ``subgroups``, ``operating_point``),
+  over the section's. The evaluation report card, optional per task:
+  ``label_efficiency: {fractions, seeds, starts}`` fine-tunes on nested, stratified (patient-grouped) subsets of
+  the training split (default 1 %, 10 %, 100 %; seeds job seed + 0, 1, 2; every start), one stage per start,
+  fraction and seed (the task's own stage is the 100 % run at the job's seed), and the report draws the curves with
+  intervals over test cases and seeds; ``protocols: {methods, starts}`` judges the same backbones frozen,
+  ``linear_probe`` (``--freeze_backbone true``) and, for classification, ``knn`` (``knn.yaml``), beside
+  fine-tuning);
 - ``nproc_per_node`` (optional, in ``pretrain``, ``continual`` and ``downstream``): train under ``torchrun`` with
   that many processes (one per GPU), the bundle's ``multi_gpu_train.yaml`` merged after its training config;
   ``muscle reproduce --nproc-per-node N`` sets it for every section. Evaluation stays one process, and detection
@@ -37,6 +45,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +62,12 @@ SECTION_KEYS = {"pretrain": ("configs", "overrides", "nproc_per_node"),
                 "continual": ("configs", "overrides", "variants", "nproc_per_node"),
                 "downstream": ("configs", "overrides", "evaluate_overrides", "starts", "tasks", "nproc_per_node"),
                 "embedding_map": ("datalist", "section", "color_by")}
-TASK_KEYS = ("config", "datalist", "overrides", "paper", "external", "adapt")
+TASK_KEYS = ("config", "datalist", "overrides", "evaluate_overrides", "paper", "external", "adapt", "label_efficiency",
+             "protocols")
+CARD_KEYS = {"label_efficiency": ("fractions", "seeds", "starts"), "protocols": ("methods", "starts")}
+PROTOCOLS = ("linear_probe", "knn")
+# the fine-tuning settings a kNN stage shares (sizes and loading; no training settings: nothing trains)
+KNN_SETTINGS = ("image_size", "max_items", "batch_size", "num_workers", "cache", "label_fraction", "class_names")
 ADAPT_KEYS = ("methods", "ks", "draws", "finetune_epochs")  # settings of bundles/downstream/configs/adapt_curves.yaml
 
 
@@ -85,6 +99,9 @@ def load_preset(name_or_path: str | os.PathLike) -> dict[str, Any]:
                if isinstance(preset.get(section), Mapping) for key in preset[section] if key not in known]
     unknown += [f"downstream#tasks#{task}#{key}" for task, spec in ((preset.get("downstream") or {}).get("tasks")
                 or {}).items() if isinstance(spec, Mapping) for key in spec if key not in TASK_KEYS]
+    unknown += [f"downstream#tasks#{task}#{entry}#{key}" for task, spec in ((preset.get("downstream") or {})
+                .get("tasks") or {}).items() if isinstance(spec, Mapping) for entry, keys in CARD_KEYS.items()
+                if isinstance(spec.get(entry), Mapping) for key in spec[entry] if key not in keys]
     unknown += [f"downstream#tasks#{task}#adapt#{key}" for task, spec in ((preset.get("downstream") or {}).get("tasks")
                 or {}).items() if isinstance(spec, Mapping) and isinstance(spec.get("adapt"), Mapping)
                 for key in spec["adapt"] if key not in ADAPT_KEYS]
@@ -138,6 +155,104 @@ def _multi_gpu(configs: tuple[str, ...], after: str, nproc: int) -> tuple[str, .
         return configs
     index = configs.index(after) + 1
     return (*configs[:index], "multi_gpu_train.yaml", *configs[index:])
+
+
+@dataclass
+class _TaskCommands:
+    """The commands of one downstream task: its fine-tunings (from any start, with extra settings) and evaluations."""
+
+    datalist: Path
+    spec: Mapping[str, Any]
+    section: Mapping[str, Any]          # the preset's downstream section
+    common: Mapping[str, Any]           # seed, experiment name
+    backbones: Mapping[str, Path]
+    nproc: int
+    imagenet_weights: str | os.PathLike | None
+
+    def __post_init__(self) -> None:
+        self.scoring_overrides = {**self.section.get("evaluate_overrides", {}),
+                                  **(self.spec.get("evaluate_overrides") or {})}
+        self.processes = 1 if self.spec["config"] == "detection.yaml" else self.nproc  # no multi-GPU detection
+        self.configs = _multi_gpu(("common.yaml", self.spec["config"], *self.section.get("configs", ())),
+                                  self.spec["config"], self.processes)
+        self.evaluate_configs = ("common.yaml", self.spec["config"], "evaluate.yaml")
+
+    def start_of(self, start: str) -> tuple[dict[str, Any], tuple[str, ...], tuple[Path, ...]]:
+        """(init overrides, stages needed, input files) of a start."""
+        if start == "imagenet":
+            weights = Path(self.imagenet_weights).absolute()  # type: ignore[arg-type]
+            return {"init": "imagenet", "init_weights": weights}, (), (self.datalist, weights)
+        if start != "scratch":
+            return {"init": "checkpoint", "init_weights": self.backbones[start]}, (start,), (self.datalist,)
+        return {"init": "scratch"}, (), (self.datalist,)
+
+    def fine_tuning(self, folder: Path, init: Mapping[str, Any], extra: Mapping[str, Any] | None = None,
+                    seed: int | None = None) -> tuple[BundleCommand, BundleCommand, dict[str, Any]]:
+        """Fine-tuning into ``folder`` and its test-set evaluation (``extra``: more training settings), and the
+        evaluation's overrides."""
+        where = {"datalist": self.datalist, "output_dir": folder, **self.common,
+                 **({"seed": seed} if seed is not None else {})}
+        scoring = {**self.scoring_overrides, **where}
+        train = BundleCommand("downstream", self.configs, {**self.section.get("overrides", {}),
+                                                           **self.spec.get("overrides", {}), **(extra or {}),
+                                                           **where, **init}, self.processes)
+        return train, BundleCommand("downstream", self.evaluate_configs, scoring), scoring
+
+
+def _percent(fraction: float) -> str:
+    """``0.01`` -> ``"1"``, ``0.005`` -> ``"0.5"``: a fraction as the percentage in stage names and the report."""
+    return f"{100 * fraction:g}"
+
+
+def _label_efficiency(task: str, entry: Any, starts: list[str], seed: int) -> tuple[list[float], list[int],
+                                                                                      list[str]]:
+    """``(fractions, seeds, starts)`` of a task's ``label_efficiency`` entry, checked.
+
+    Raises:
+        SettingsError: a fraction outside (0, 1], a seed that is not a whole number, a start the job does not make.
+    """
+    where = f"downstream#tasks#{task}#label_efficiency"
+    if not isinstance(entry, Mapping):
+        raise SettingsError(f"{where} is a mapping of {', '.join(CARD_KEYS['label_efficiency'])}, got {entry!r}")
+    fractions = list(entry.get("fractions", [0.01, 0.1, 1.0]))
+    seeds = list(entry.get("seeds", [seed, seed + 1, seed + 2]))
+    chosen = list(entry.get("starts", starts))
+    bad = [f for f in fractions if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1]
+    if bad or not fractions:
+        raise SettingsError(f"{where}#fractions: shares of the training labels above 0 and at most 1, e.g. [0.01, "
+                            f"0.1, 1.0]; got {fractions}")
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        raise SettingsError(f"{where}#seeds: whole numbers, e.g. [0, 1, 2]; got {seeds}")
+    _check_starts(where, chosen, starts)
+    return sorted({float(f) for f in fractions}), list(dict.fromkeys(seeds)), chosen
+
+
+def _protocols(task: str, spec: Mapping[str, Any], entry: Any, starts: list[str]) -> tuple[list[str], list[str]]:
+    """``(methods, starts)`` of a task's ``protocols`` entry, checked.
+
+    Raises:
+        SettingsError: an unknown method, kNN on a task that is not classification, a start the job does not make.
+    """
+    where = f"downstream#tasks#{task}#protocols"
+    if not isinstance(entry, Mapping):
+        raise SettingsError(f"{where} is a mapping of {', '.join(CARD_KEYS['protocols'])}, got {entry!r}")
+    methods = list(entry.get("methods", ["linear_probe", "knn"] if spec["config"] == "classification.yaml"
+                             else ["linear_probe"]))
+    unknown = [m for m in methods if m not in PROTOCOLS]
+    if unknown or not methods:
+        raise SettingsError(f"{where}#methods: {unknown or methods} unknown; known: {', '.join(PROTOCOLS)} "
+                            "(fine-tuning is the task's own stage)")
+    if "knn" in methods and spec["config"] != "classification.yaml":
+        raise SettingsError(f"{where}#methods: knn votes classes; {task} uses {spec['config']}: keep linear_probe only")
+    chosen = list(entry.get("starts", starts))
+    _check_starts(where, chosen, starts)
+    return methods, chosen
+
+
+def _check_starts(where: str, chosen: list[str], starts: list[str]) -> None:
+    unknown = [s for s in chosen if s not in starts]
+    if unknown or not chosen:
+        raise SettingsError(f"{where}#starts: {unknown or chosen} not among this job's starts ({', '.join(starts)})")
 
 
 def _adaptation_stage(task: str, start: str, spec: Mapping[str, Any], scoring: Mapping[str, Any], trained: Path,
@@ -223,29 +338,19 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
                                 f"{', '.join(backbones)}")
     for task, spec in down["tasks"].items():
         datalist = Path(spec["datalist"])
+        plan = _TaskCommands(datalist, spec, down, common, backbones, nproc["downstream"], imagenet_weights)
+        start_of, fine_tuning, scoring_overrides = plan.start_of, plan.fine_tuning, plan.scoring_overrides
+        evaluate_configs = plan.evaluate_configs
+
         for start in starts:
             name = f"{task}_{start}"
             folder = out / "downstream" / name
-            init: dict[str, Any] = {"init": "scratch"}
-            needs: tuple[str, ...] = ()
-            inputs: tuple[Path, ...] = (datalist,)
-            if start == "imagenet":
-                weights = Path(imagenet_weights).absolute()  # type: ignore[arg-type]
-                init, inputs = {"init": "imagenet", "init_weights": weights}, (datalist, weights)
-            elif start != "scratch":
-                init, needs = {"init": "checkpoint", "init_weights": backbones[start]}, (start,)
-            where = {"datalist": datalist, "output_dir": folder, **common}
-            scoring = {**down.get("evaluate_overrides", {}), **where}
-            processes = 1 if spec["config"] == "detection.yaml" else nproc["downstream"]  # no multi-GPU detection
-            configs = _multi_gpu(("common.yaml", spec["config"], *down.get("configs", ())), spec["config"], processes)
-            train = BundleCommand("downstream", configs,
-                                  {**down.get("overrides", {}), **spec.get("overrides", {}), **where, **init},
-                                  processes)
-            evaluate = BundleCommand("downstream", ("common.yaml", spec["config"], "evaluate.yaml"), scoring)
+            init, needs, inputs = start_of(start)
+            train, evaluate, scoring = fine_tuning(folder, init)
             commands, outputs, extra = [train, evaluate], ["metrics.json"], {}
             if spec.get("external"):  # the same model on another site's test split, in its own folder
                 external = Path(spec["external"])
-                commands.append(BundleCommand("downstream", ("common.yaml", spec["config"], "evaluate.yaml"),
+                commands.append(BundleCommand("downstream", evaluate_configs,
                                               {**scoring, "datalist": external, "output_dir": folder / "external",
                                                "model_dir": folder / "models"}))
                 inputs = (*inputs, external)
@@ -257,6 +362,46 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
                                        **({"paper": spec["paper"]} if spec.get("paper") else {})}))
             if spec.get("adapt") is not None:
                 stages.append(_adaptation_stage(task, start, spec, scoring, folder, out))
+
+        efficiency = spec.get("label_efficiency")
+        if efficiency is not None:  # fine-tuning on nested, stratified subsets of the training split, several seeds
+            fractions, seeds, chosen = _label_efficiency(task, efficiency, starts, seed)
+            for start in chosen:
+                init, needs, inputs = start_of(start)
+                for fraction in fractions:
+                    for run_seed in seeds:
+                        if fraction == 1.0 and run_seed == seed:
+                            continue  # the task's own stage is this run
+                        name = f"{task}_{start}_fraction{_percent(fraction)}_seed{run_seed}"
+                        folder = out / "card" / "label_efficiency" / name
+                        train, evaluate, _ = fine_tuning(folder, init, {"label_fraction": fraction}, run_seed)
+                        stages.append(Stage(name, folder, [train, evaluate], needs=needs, inputs=inputs,
+                                            outputs=("metrics.json",),
+                                            description=f"{task} from {start} on {_percent(fraction)} % of the "
+                                                        f"training labels (seed {run_seed})",
+                                            extra={"kind": "label_efficiency", "task": task, "start": start,
+                                                   "fraction": fraction, "seed": run_seed}))
+        protocols = spec.get("protocols")
+        if protocols is not None:  # the same backbones judged frozen: a linear probe and kNN
+            methods, chosen = _protocols(task, spec, protocols, starts)
+            for start in chosen:
+                init, needs, inputs = start_of(start)
+                for method in methods:
+                    name = f"{task}_{start}_{method}"
+                    folder = out / "card" / "protocols" / name
+                    if method == "linear_probe":
+                        train, evaluate, _ = fine_tuning(folder, init, {"freeze_backbone": True})
+                        commands = [train, evaluate]
+                    else:  # knn: nothing trains; the training split's embeddings vote
+                        where = {"datalist": datalist, "output_dir": folder, **common}
+                        sizes = {k: v for k, v in {**down.get("overrides", {}), **spec.get("overrides", {})}.items()
+                                 if k in KNN_SETTINGS}
+                        commands = [BundleCommand("downstream", ("common.yaml", spec["config"], "knn.yaml"),
+                                                  {**sizes, **scoring_overrides, **where, **init})]
+                    stages.append(Stage(name, folder, commands, needs=needs, inputs=inputs,
+                                        outputs=("metrics.json",), description=f"{task}: {method} on {start}",
+                                        extra={"kind": "protocol", "task": task, "start": start,
+                                               "protocol": method}))
     mapping = preset.get("embedding_map")
     if mapping:
         datalist = Path(mapping["datalist"])

@@ -13,6 +13,8 @@ stage's ``stage.json`` and outputs, and writes ``<root>/report.md``:
 - per classification task with another site and ``adapt`` in the preset, the models adapted to that site with k
   labelled patients per class: the best method per start and k and a figure of every method's curve
   (``figures/<task>_adaptation.png``);
+- with the report card in the preset: fine-tuning beside the linear probe and kNN of the same backbones, and the
+  label-efficiency table and curves (mean over seeds, intervals over test cases and seeds);
 - the continual stage's forgetting summary per variant (average score, BWT, FWT, forgetting; ``forgetting.json``);
 - every stage's wall time, peak memory and the exact commands it ran (each runnable on its own).
 
@@ -193,6 +195,104 @@ def _external_lines(by_start: dict[str, dict], done: set[str], headline: str) ->
             f"| start | internal {headline} | external {headline} | change |", "|---|---|---|---|", *rows]
 
 
+def _label_efficiency_lines(root: Path, task: str, by_start: dict[str, dict], stages: list[dict],
+                            done: set[str], job_seed: int, n_resamples: int) -> list[str]:
+    """Per start and share of the training labels: the headline metric averaged over seeds, its 95 % interval over
+    test cases and seeds (:func:`muscle_ext.metrics.mean_over_runs`), and the curve figure. The 100 % run at the
+    job's seed is the task's own stage."""
+    from ..metrics import mean_over_runs
+    from ..metrics.plots import plot_label_efficiency
+
+    if not stages:
+        return []
+    runs: dict[str, dict[float, list[Path]]] = {}
+    for stage in stages:
+        if stage["name"] in done:
+            runs.setdefault(stage["start"], {}).setdefault(stage["fraction"], []).append(
+                Path(stage["output_dir"]) / "per_case.csv")
+    for start, stage in by_start.items():  # the task's own stage: all labels, the job's seed
+        if start in runs and stage["name"] in done and 1.0 in {s["fraction"] for s in stages}:
+            runs[start].setdefault(1.0, []).insert(0, Path(stage["output_dir"]) / "per_case.csv")
+    fractions = sorted({s["fraction"] for s in stages})
+    seeds = sorted({s["seed"] for s in stages} | ({job_seed} if 1.0 in fractions else set()))
+    lines = ["", f"### Label efficiency on {task}", "",
+             f"Fine-tuned on {', '.join(f'{100 * f:g} %' for f in fractions)} of the training split (stratified by "
+             "class, grouped by patient where a patient id exists, nested: the smaller subset inside the larger for "
+             f"one seed), seeds {', '.join(map(str, seeds))}; the test metric averaged over seeds, with a 95 % "
+             "interval over test cases and seeds.", ""]
+    if not runs:
+        return [*lines, "No finished run yet."]
+    curves: dict[str, dict[float, dict]] = {}
+    metric = ""
+    for start, by_fraction in runs.items():
+        for fraction, files in by_fraction.items():
+            files = [f for f in files if f.is_file()]
+            if files:
+                curves.setdefault(NAMES.get(start, start), {})[fraction] = result = mean_over_runs(
+                    files, n_resamples)
+                metric = result["metric"]
+    lines += ["| start | " + " | ".join(f"{100 * f:g} % of labels" for f in fractions) + " |",
+              "|---|" + "---|" * len(fractions)]
+    for name, by_fraction in curves.items():
+        cells = [f"{_fmt(by_fraction[f])} ({by_fraction[f]['runs']} seeds)" if f in by_fraction else "missing"
+                 for f in fractions]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    figure = plot_label_efficiency(curves, root / "figures" / f"{task}_label_efficiency.png", metric,
+                                   title=f"{task}: label efficiency (test {metric})")
+    return [*lines, "", f"![{task}: test {metric} against the share of training labels, a line per start]"
+                        f"({figure.relative_to(root).as_posix()})"]
+
+
+def _subgroup_lines(by_start: dict[str, dict], done: set[str], headline: str) -> list[str]:
+    """Each start's test metric per value of the datalist fields the evaluation grouped by (``subgroups``)."""
+    tables: dict[str, dict[str, dict[str, dict]]] = {}  # field -> value -> start -> row
+    for start, stage in by_start.items():
+        report = _read_json(Path(stage["output_dir"]) / "metrics.json") if stage["name"] in done else None
+        for field, rows in ((report or {}).get("subgroups") or {}).items():
+            for row in rows:
+                tables.setdefault(field, {}).setdefault(str(row["value"]), {})[start] = row
+    lines = []
+    for field, by_value in tables.items():
+        starts = list(dict.fromkeys(start for rows in by_value.values() for start in rows))
+        lines += ["", f"Test {headline} by `{field}` (each row computed on that value's test cases alone):", "",
+                  f"| {field} | n | " + " | ".join(NAMES.get(s, s) for s in starts) + " |",
+                  "|---|---|" + "---|" * len(starts)]
+        warned = False
+        for value, rows in by_value.items():
+            first = next(iter(rows.values()))
+            warning = " ⚠" if first.get("warning") else ""
+            warned |= bool(warning)
+            lines.append(f"| {value} | {first.get('n', '?')}{warning} | "
+                         + " | ".join(_fmt(rows[s].get(headline)) if s in rows else "" for s in starts) + " |")
+        if warned:
+            lines += ["", "⚠ fewer test cases than `min_group_size`: too few to say anything about that group."]
+    return lines
+
+
+def _protocol_lines(task: str, by_start: dict[str, dict], stages: list[dict], done: set[str],
+                    headline: str) -> list[str]:
+    """Fine-tuning beside the frozen-backbone protocols (linear probe, kNN) of the same backbones."""
+    if not stages:
+        return []
+    methods = list(dict.fromkeys(s["protocol"] for s in stages))
+    cells = {(s["start"], s["protocol"]): _read_json(Path(s["output_dir"]) / "metrics.json") if s["name"] in done
+             else None for s in stages}
+    lines = ["", f"### Fine-tuning, linear probe and kNN on {task}", "",
+             "The same backbones: fine-tuned (the task's own stage), frozen with a trained linear head "
+             "(`--freeze_backbone true`) and, for classification, frozen with a kNN vote of the training split's "
+             f"embeddings (`knn.yaml`, nothing trained). Test {headline} with 95 % intervals.", "",
+             "| start | fine-tuned | " + " | ".join(m.replace("_", " ") for m in methods) + " |",
+             "|---|---|" + "---|" * len(methods)]
+    for start in dict.fromkeys(s["start"] for s in stages):
+        own = by_start.get(start)
+        tuned = _read_json(Path(own["output_dir"]) / "metrics.json") if own and own["name"] in done else None
+        row = [_fmt((tuned or {}).get(headline)) if tuned else "missing"]
+        row += [_fmt((cells.get((start, m)) or {}).get(headline)) if cells.get((start, m)) else "missing"
+                for m in methods]
+        lines.append(f"| {NAMES.get(start, start)} | " + " | ".join(row) + " |")
+    return lines
+
+
 def _adaptation_lines(root: Path, task: str, stages: list[dict], done: set[str]) -> list[str]:
     """The fine-tuned models adapted to the other site (``adapt_curves.yaml``'s ``adaptation_curves.json``): per start
     and k the best method's new-site AUC against the model as it came, the old site's AUC after adapting, and one
@@ -347,6 +447,12 @@ def build_report(root: str | os.PathLike, n_resamples: int = 1000) -> Path:
         lines += _external_lines(by_start, done, headline)
         lines += _adaptation_lines(root, task, [s for s in stages if s.get("kind") == "adaptation"
                                                 and s["task"] == task], done)
+        lines += _subgroup_lines(by_start, done, headline)
+        lines += _protocol_lines(task, by_start, [s for s in stages if s.get("kind") == "protocol"
+                                                  and s["task"] == task], done, headline)
+        lines += _label_efficiency_lines(root, task, by_start, [s for s in stages if s.get("kind") ==
+                                                                "label_efficiency" and s["task"] == task],
+                                         done, int(pipeline.get("seed", 0)), n_resamples)
 
     continual = [s for s in stages if s.get("kind") == "continual"]
     if continual:
