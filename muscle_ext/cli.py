@@ -261,6 +261,20 @@ def _pool(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from .data.converters import merge_datalists
+
+    try:
+        content = merge_datalists(args.datalists, args.out)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"muscle data merge: {exc}", file=sys.stderr)
+        return 2
+    sizes = "; ".join(f"{n} {d['training']}/{d['validation']}/{d['test']}" for n, d in content["datasets"].items())
+    print(f"{args.out}: training {len(content['training'])}, validation {len(content['validation'])}, test "
+          f"{len(content['test'])} (training/validation/test per dataset: {sizes})")
+    return 0
+
+
 def _export_zoo(args: argparse.Namespace) -> int:
     from .zoo import export_bundle
 
@@ -325,6 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     pool.add_argument("--limit", action="append", default=[], metavar="NAME=N", help="at most N training images of "
                       "a dataset (validation in proportion)")
     pool.set_defaults(run=_pool)
+    merge = data_verbs.add_parser("merge", help="one labelled datalist of a task from several sites or datasets, "
+                                  "every split kept, entries tagged with their dataset (for --subgroups "
+                                  "\"['dataset']\")")
+    merge.add_argument("datalists", nargs="+", help="datalist.json files of the same task and classes")
+    merge.add_argument("--out", required=True, help="the merged datalist, e.g. data/pneumonia_pooled.json")
+    merge.set_defaults(run=_merge)
     export = verbs.add_parser("export-zoo", help="a bundle folder for the MONAI model zoo, muscle_ext in scripts/")
     export.add_argument("bundle")
     export.add_argument("out")

@@ -571,3 +571,34 @@ def test_pool_function_reads_top_level_tags_and_skips_repeated_images(tmp_path):
     text(tmp_path / "b" / "datalist.json", json.dumps({"training": [{"image": "y.png"}]}))
     with pytest.raises(ValueError, match=r"entry 'y.png' has no 'dataset'"):
         pool_datalists([tmp_path / "b" / "datalist.json"], tmp_path / "pool.json")
+
+
+def test_merge_keeps_every_split_tags_the_dataset_and_refuses_mixed_up_classes(tmp_path, capsys):
+    from muscle_ext.cli import main
+    from muscle_ext.data import load_datalist
+
+    for site, names in (("site_a", ("normal", "pneumonia")), ("site_b", ("normal", "pneumonia")),
+                        ("site_c", ("pneumonia", "normal"))):
+        folder = tmp_path / site
+        (folder / "images").mkdir(parents=True)
+        sections = {}
+        for section in ("training", "validation", "test"):
+            sections[section] = []
+            for i in range(2):
+                image = folder / "images" / f"{section}{i}.png"
+                image.write_bytes(b"x")
+                sections[section].append({"image": f"images/{section}{i}.png", "label": i, "class_name": names[i],
+                                          "patient_id": f"p{i}"})
+        (folder / "datalist.json").write_text(json.dumps(sections))
+    out = tmp_path / "pooled" / "pneumonia.json"
+    a, b, c = (str(tmp_path / site / "datalist.json") for site in ("site_a", "site_b", "site_c"))
+    assert main(["data", "merge", a, b, "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert [len(merged[s]) for s in ("training", "validation", "test")] == [4, 4, 4]
+    assert [e["dataset"] for e in merged["test"]] == ["site_a", "site_a", "site_b", "site_b"]
+    assert merged["test"][2]["patient_id"] == "site_b:p0"  # two sites may number patients alike
+    test = load_datalist(out, "test")
+    assert Path(test[3]["image"]).resolve() == (tmp_path / "site_b" / "images" / "test1.png").resolve()
+    assert main(["data", "merge", a, c, "--out", str(tmp_path / "bad.json")]) == 2
+    assert "label 0 is 'normal' in site_a but 'pneumonia' in site_c" in capsys.readouterr().err
+    assert not (tmp_path / "bad.json").exists()

@@ -29,6 +29,7 @@ from ._common import DatasetInfo
 from .boneage import convert_rsna_boneage
 from .chexpert import UNCERTAIN_POLICIES, convert_chexpert
 from .kermany import convert_kermany_pneumonia
+from .merge import merge_datalists
 from .mura import convert_mura
 from .nih import convert_nih_chestxray14
 from .nlm_tb import convert_chest_xray_masks_labels, convert_montgomery, convert_shenzhen
@@ -38,7 +39,7 @@ from .rsna_pneumonia import convert_rsna_pneumonia
 from .tbx11k import convert_tbx11k
 
 __all__ = ["CONVERTERS", "DATASETS", "UNCERTAIN_POLICIES", "DatasetInfo", "convert_dataset", "converter",
-           "pool_datalists"]
+           "merge_datalists", "pool_datalists"]
 
 # name (the `dataset` tag the datalist carries) -> converter(src, out, **options) -> datalist content
 CONVERTERS: dict[str, Callable[..., dict]] = {
