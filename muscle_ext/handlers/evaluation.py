@@ -16,6 +16,14 @@ Subgroups: with ``subgroups`` (datalist fields, e.g. ``dataset``, ``sex``, ``vie
 report also holds ``subgroups``: per field and value, the task's summary metrics with their CIs computed on that
 value's items alone (the same computation as on a datalist filtered to them), ``n``, and a warning where ``n`` is
 below ``min_group_size`` (too few to say anything). Fields that identify patients or files are refused.
+
+Report card (``configs/evaluate.yaml``; :mod:`muscle_ext.handlers.report_card`): ``site`` labels the report, its
+figures and its log line when the evaluated images went through a simulated site
+(:mod:`muscle_ext.data.simulated_site`); a classification report also takes ``operating_point`` (the threshold chosen
+on the validation split replaces ``threshold``; ``metrics.json`` gets ``operating_point`` and
+``per_case_validation.csv`` the validation scores) and ``recalibration`` (``metrics.json`` gets ``recalibration``:
+the map fitted on a new site's labelled slice, ECE before and after on the evaluated split, the slice's threshold;
+``per_case_recalibration_slice.csv`` the slice's scores).
 """
 
 from __future__ import annotations
@@ -75,10 +83,13 @@ class EvaluationReport:
             field counts as ``missing``).
         items: the evaluated datalist entries, in the evaluator's order (needed with ``subgroups``).
         min_group_size: a subgroup smaller than this gets a warning in its row and in the log.
+        site: what the evaluated images look like, when not as acquired (e.g. ``"simulated (default: ...)"``):
+            written as ``site`` into the report and shown in its figure titles and log line.
+        operating_point, recalibration: classification only (see :class:`ClassificationReport`); ``None`` here.
 
     Raises:
         SettingsError: a subgroup field that identifies patients or files (``patient_id``, ``image``, ...) or the
-            label.
+            label; ``operating_point`` or ``recalibration`` on a task without a decision threshold.
         ValueError: ``subgroups`` without ``items``.
     """
 
@@ -89,7 +100,8 @@ class EvaluationReport:
                  pred_key: str = "pred", label_key: str = "label", split: str = "test", n_resamples: int = 1000,
                  alpha: float = 0.05, seed: int = 0, metric_prefix: str = "test_",
                  per_case_filename: str | None = "per_case.csv", subgroups: Sequence[str] = (),
-                 items: Sequence[Mapping] | None = None, min_group_size: int = 30) -> None:
+                 items: Sequence[Mapping] | None = None, min_group_size: int = 30, site: str | None = None,
+                 operating_point: Any = None, recalibration: Any = None) -> None:
         self.output_dir = Path(output_dir)
         self.filename = filename
         self.figure_dir = figure_dir
@@ -111,6 +123,13 @@ class EvaluationReport:
                                 "report; group by a field such as dataset, sex, view or age_band")
         if self.subgroups and self.items is None:
             raise ValueError("subgroups need the evaluated datalist entries (items)")
+        for name, value in (("operating_point", operating_point), ("recalibration", recalibration)):
+            if value is not None and self.task != "classification":
+                raise SettingsError(f"--{name} applies to classification reports only, not to {self.task}; leave "
+                                    f"--{name} out")
+        self.site = site or None
+        self.operating_point = operating_point
+        self.recalibration = recalibration
         self.report: dict[str, Any] | None = None
         self.reset()
 
@@ -138,6 +157,15 @@ class EvaluationReport:
     def figures(self, report: Mapping[str, Any], folder: Path) -> list[Path]:
         return []
 
+    def card(self) -> dict[str, Any]:
+        """Sections computed once on the whole evaluated split (never per subgroup) and added to the report: the
+        classification report card (operating point, recalibration); ``{}`` here."""
+        return {}
+
+    def split_label(self) -> str:
+        """The split's name for titles: ``test``, or ``test, simulated site``."""
+        return f"{self.split}, simulated site" if self.site else self.split
+
     def per_case(self) -> dict[str, np.ndarray]:
         """Columns of ``per_case.csv``, one value per collected item; empty: the task has no per-image scores."""
         return {}
@@ -159,17 +187,20 @@ class EvaluationReport:
         report = self.compute()
         if self.subgroups:
             report["subgroups"] = self.subgroup_tables()
+        report.update(self.card())
         folder = self.output_dir / self.figure_dir
         folder.mkdir(parents=True, exist_ok=True)
         figures = [p.relative_to(self.output_dir).as_posix() for p in self.figures(report, folder)]
         per_case = self.write_per_case()
-        payload = {"task": self.task, "split": self.split, "confidence_level": 1 - self.alpha,
+        site = {"site": self.site} if self.site else {}  # absent: the images as acquired
+        payload = {"task": self.task, "split": self.split, **site, "confidence_level": 1 - self.alpha,
                    "bootstrap": {"method": "percentile", "resamples": self.n_resamples, "seed": self.seed},
                    **report, "figures": figures, "per_case": per_case.name if per_case else None}
         path = write_report(self.output_dir / self.filename, payload)  # NaN (undefined metric) as null
         self.report = payload
         engine.state.metrics.update(self.scalars(report))
-        logger.info(f"{self.task} report on {report.get('n')} {self.split} images written to {path}")
+        where = f" (site: {self.site})" if self.site else ""
+        logger.info(f"{self.task} report on {report.get('n')} {self.split} images{where} written to {path}")
         return payload
 
     def subgroup_tables(self) -> dict[str, list[dict[str, Any]]]:
@@ -222,6 +253,19 @@ class ClassificationReport(EvaluationReport):
 
     Predictions are class probabilities ``(2,)`` (or the positive-class probability), labels class indices or
     one-hot vectors. ``threshold`` applies to the positive-class probability.
+
+    Args:
+        threshold: positive when P(label 1) >= threshold (replaced by the carried one with ``operating_point``).
+        class_names: label 0, label 1.
+        operating_point: a :class:`~muscle_ext.handlers.report_card.CarriedOperatingPoint` (``None``: ``threshold``
+            applies): when the report is written, the threshold chosen on the validation split replaces
+            ``threshold`` for accuracy, sensitivity, specificity, the confusion matrix and the subgroups, and the
+            report gets ``operating_point`` (rule, threshold, ``chosen_on``, the validation split's and the evaluated
+            split's sensitivity, specificity and accuracy at it).
+        recalibration: a :class:`~muscle_ext.handlers.report_card.RecalibrationSlice` (``None``: none): the report
+            gets ``recalibration`` (the fitted map, ECE before and after with CIs, ROC AUC before and after, the
+            slice's threshold and what it gives on the evaluated split, where the slice came from).
+        kwargs: :class:`EvaluationReport`'s.
     """
 
     task = "classification"
@@ -232,6 +276,52 @@ class ClassificationReport(EvaluationReport):
         super().__init__(output_dir, **kwargs)
         self.threshold = float(threshold)
         self.class_names = [str(c) for c in class_names]
+
+    def write(self, engine: Engine) -> dict[str, Any]:
+        if self.operating_point is not None:  # chosen on validation before any metric of the evaluated split
+            self.threshold = float(self.operating_point.threshold())
+        return super().write(engine)
+
+    def _side_scores(self, filename: str, scores: tuple[np.ndarray, np.ndarray] | None) -> str | None:
+        """Write (or, without ``scores``, remove an earlier run's) per-case file next to ``per_case.csv``."""
+        if self.per_case_filename is None:
+            return None
+        path = self.output_dir / filename
+        if scores is None:
+            path.unlink(missing_ok=True)
+            return None
+        return write_case_scores(path, {"label": scores[0], "score": scores[1]}).name
+
+    def card(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        labels, probs = np.stack(self.labels), to_positive_prob(np.stack(self.preds))
+        if self.operating_point is not None:
+            section = self.operating_point.section(labels, probs, self.split)
+            section["note"] = (f"threshold chosen on the {section['chosen_on']} split as acquired, carried unchanged "
+                               f"to the {self.split} split" + (" of the simulated site" if self.site else ""))
+            section["per_case"] = self._side_scores("per_case_validation.csv", self.operating_point.scores())
+            out["operating_point"] = section
+            logger.info(f"operating point {section['rule']}: threshold {section['threshold']:.4g} chosen on "
+                        f"{section['chosen_on']}, carried to {self.split_label()}")
+        else:
+            self._side_scores("per_case_validation.csv", None)
+        if self.recalibration is not None:
+            section = self.recalibration.section(labels, probs, self.split, self.n_resamples, self.alpha, self.seed)
+            section["per_case"] = self._side_scores("per_case_recalibration_slice.csv", self.recalibration.scores())
+            out["recalibration"] = section
+            logger.info(f"recalibration ({section['method']}) on {section['slice']['source']}: {self.split_label()} "
+                        f"ECE {section['ece_before']['value']:.4f} -> {section['ece_after']['value']:.4f}")
+        else:
+            self._side_scores("per_case_recalibration_slice.csv", None)
+        return out
+
+    def scalars(self, report: Mapping[str, Any]) -> dict[str, float]:
+        out = super().scalars(report)
+        if "operating_point" in report:
+            out[f"{self.metric_prefix}operating_threshold"] = report["operating_point"]["threshold"]
+        if "recalibration" in report:
+            out[f"{self.metric_prefix}ece_recalibrated"] = report["recalibration"]["ece_after"]["value"]
+        return out
 
     def add(self, item: Mapping) -> None:
         label = to_numpy(item[self.label_key], np.float32).ravel()
@@ -257,12 +347,12 @@ class ClassificationReport(EvaluationReport):
         probs = to_positive_prob(np.stack(self.preds))
         auc = report["roc_auc"]
         paths = [plot_confusion_matrix(report["confusion_matrix"], folder / "confusion_matrix.png", self.class_names,
-                                       title=f"{self.split}: threshold {self.threshold:g}"),
+                                       title=f"{self.split_label()}: threshold {self.threshold:.3g}"),
                  plot_reliability(report["reliability"], folder / "reliability.png", report["ece"]["value"],
-                                  title=f"Reliability ({self.split})")]
+                                  title=f"Reliability ({self.split_label()})")]
         if all(math.isfinite(v) for v in (auc["value"], auc["ci_low"], auc["ci_high"])):
             paths.append(plot_roc_curve(np.stack(self.labels), probs, folder / "roc_curve.png",
-                                        title=f"ROC ({self.split})", auc_ci=(auc["ci_low"], auc["ci_high"])))
+                                        title=f"ROC ({self.split_label()})", auc_ci=(auc["ci_low"], auc["ci_high"])))
         else:
             logger.warning("ROC curve not drawn: the AUC is undefined (only one class in the labels)")
         return paths
@@ -297,8 +387,8 @@ class RegressionReport(EvaluationReport):
 
         mae = report["mae"]["value"]
         return [plot_regression_scatter(np.concatenate(self.labels), np.concatenate(self.preds),
-                                        folder / "scatter.png", title=f"{self.split}: MAE {mae:.1f} {self.unit}",
-                                        unit=self.unit)]
+                                        folder / "scatter.png",
+                                        title=f"{self.split_label()}: MAE {mae:.1f} {self.unit}", unit=self.unit)]
 
 
 class SegmentationReport(EvaluationReport):
