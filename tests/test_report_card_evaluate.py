@@ -102,8 +102,11 @@ def test_the_carried_threshold_and_the_recalibrated_ece_match_an_independent_com
         for name, value in _counted(test[0], after, card["threshold"]).items():
             assert card["test"][name] == pytest.approx(value), (method, name)
     assert card["slice"]["n"] == 120 and "temperature" not in card
-    temperature = recalibration_section("temperature", piece, test)["temperature"]
-    assert temperature == pytest.approx(2.5, rel=0.3)  # the slice's over-confidence, found on 120 cases
+    fitted = recalibration_section("temperature", piece, test)
+    assert fitted["temperature"] == pytest.approx(2.5, rel=0.3)  # the slice's over-confidence, found on 120 cases
+    assert "warning" not in fitted
+    noise = (np.tile([0, 0, 1, 1], 30), np.tile([0.1, 0.9, 0.1, 0.9], 30))  # scores that say nothing of the labels
+    assert "the temperature reached the end" in recalibration_section("temperature", noise, test)["warning"]
 
 
 # ------------------------------------------------------------------------------------------------- simulated site

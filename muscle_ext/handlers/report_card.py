@@ -49,7 +49,7 @@ from ..metrics.bootstrap import bootstrap_ci, ci_dict
 from ..metrics.calibration import at_threshold, expected_calibration_error, operating_threshold
 from ..settings import SettingsError
 
-__all__ = ["OPERATING_POINT_FORMS", "CarriedOperatingPoint", "RecalibrationSlice", "SplitScorer",
+__all__ = ["OPERATING_POINT_FORMS", "TEMPERATURE_SEARCH", "CarriedOperatingPoint", "RecalibrationSlice", "SplitScorer",
            "carried_operating_point", "carry_operating_point", "check_report_card", "parse_operating_point",
            "recalibration_section", "recalibration_slice", "report_card_problems"]
 
@@ -60,6 +60,9 @@ OPERATING_POINT_FORMS = ("fixed", "youden", "sensitivity@<target>")
 
 RECALIBRATION_SECTION = "validation"
 """The section of ``recalibrate_on`` the slice is drawn from."""
+
+TEMPERATURE_SEARCH = (0.05, 20.0)
+"""The interval :func:`muscle_ext.metrics.calibration.fit_recalibration` searches the temperature in."""
 
 
 # ------------------------------------------------------------------------------------------------- the settings
@@ -301,7 +304,8 @@ def recalibration_section(method: str, slice_scores: tuple[ArrayLike, ArrayLike]
         "slice": {n, n_positive, ece_before, ece_after}, "ece_before", "ece_after" ({value, ci_low, ci_high} on the
         evaluated split: stratified percentile bootstrap, ``n_resamples``, ``seed``), "roc_auc_before",
         "roc_auc_after", <split>: {threshold, sensitivity, specificity, accuracy, n} of the recalibrated
-        probabilities at the slice's threshold}``.
+        probabilities at the slice's threshold, "warning" (only when the temperature ends at an edge of
+        :data:`TEMPERATURE_SEARCH`)}``.
 
     Raises:
         ValueError: a slice with one class only, an unknown ``method``.
@@ -330,6 +334,14 @@ def recalibration_section(method: str, slice_scores: tuple[ArrayLike, ArrayLike]
                            "roc_auc_before": roc_auc(labels, probs), "roc_auc_after": roc_auc(labels, after)}
     if method == "temperature":
         out["temperature"] = 1.0 / float(fitted.scale)
+        low, high = TEMPERATURE_SEARCH
+        if not low * 1.01 < out["temperature"] < high * 0.99:
+            # at the edge of the search: the slice's scores say little, the map flattens (or sharpens) them all
+            out["warning"] = (f"the temperature reached the end of its search interval [{low:g}, {high:g}]: the "
+                              "slice's scores carry little information about its labels, and the recalibrated "
+                              "probabilities are nearly constant (or nearly 0/1); a larger slice or a better model "
+                              "is needed before trusting them")
+            logger.warning(f"recalibration: {out['warning']}")
     out[split] = _at(labels, after, threshold)
     return out
 
