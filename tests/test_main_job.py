@@ -428,6 +428,11 @@ def test_card_entries_plan_nested_seeded_runs_and_frozen_protocols(tmp_path, xra
     from muscle_ext.pipeline import StageRunner
 
     StageRunner.check(list(stages.values()))  # every setting is one the bundles have
+    home, other, simulated = stages["pneumonia_muscle"].commands[1:]
+    assert home.overrides["operating_point"] == "youden" and "operating_point_datalist" not in home.overrides
+    assert other.overrides["operating_point_datalist"] == xray_root.resolve() / "pneumonia_nih" / "datalist.json"
+    assert simulated.overrides["simulated_site"] is True and simulated.overrides["recalibrate_on"] == \
+        home.overrides["datalist"] and simulated.overrides["output_dir"].name == "simulated"
     preset["downstream"]["tasks"]["lung"]["protocols"] = {"methods": ["knn"]}
     with pytest.raises(SettingsError, match="knn votes classes; lung uses segmentation.yaml"):
         build_stages(preset, xray_root, tmp_path / "out")
@@ -519,7 +524,7 @@ def test_full_preset_trains_under_torchrun_and_evaluates_in_one_process(xray_roo
     assert external["model_dir"] == pneumonia.output_dir / "models" and "init" not in external
     assert pneumonia.commands[1].overrides["n_bootstrap"] == external["n_bootstrap"] == 500  # evaluate_overrides
     assert "n_bootstrap" not in pneumonia.commands[0].overrides and "max_items" not in external
-    assert pneumonia.outputs == ("metrics.json", "external/metrics.json")
+    assert pneumonia.outputs == ("metrics.json", "external/metrics.json", "simulated/metrics.json")
     assert pneumonia.extra["external"] == "pneumonia_site2"
     with pytest.raises(SettingsError, match="nproc_per_node must be a whole number >= 1"):
         build_stages(load_preset("full"), xray_root, tmp_path / "full", nproc_per_node=0)

@@ -178,6 +178,8 @@ def test_the_simulated_site_setting():
     ({"task": "classification", "operating_point": "youden"}, ["operating_point", "threshold"],
      "--threshold is replaced by the threshold that --operating_point youden chooses"),
     ({"task": "classification"}, ["recalibration_k"], "--recalibration_k is read only with --recalibrate_on"),
+    ({"task": "classification", "operating_point_datalist": __file__}, ["operating_point_datalist"],
+     "with --operating_point fixed nothing is chosen"),
     ({"task": "classification", "simulated_site": "true", "recalibrate_on": __file__, "datalist": "/d/datalist.json"},
      ["simulated_site", "recalibrate_on"], "the slice must come from the simulated site"),
     ({"task": "classification", "recalibrate_on": __file__, "datalist": __file__, "split": "validation"},
@@ -285,6 +287,27 @@ def test_evaluate_carries_youden_to_a_simulated_test_split_and_recalibrates(tmp_
     assert np.allclose(simulated, p[:4], atol=1e-5)
     assert not np.allclose(scores("test", home), p[:4], atol=1e-5)
     assert np.allclose(scores("validation", home), pv[:4], atol=1e-5)
+
+
+def test_another_site_is_scored_at_the_threshold_chosen_at_home(tmp_path, xray_root):
+    """--datalist another site, --operating_point_datalist the home one: the threshold comes from the home
+    validation split and is carried, unchanged, to the other site's test split."""
+    _model(tmp_path / "models")
+    home = xray_root / PNEUMONIA
+    run_bundle("downstream", downstream_configs("pneumonia", "evaluate.yaml"),
+               _settings(tmp_path, xray_root, operating_point="youden", operating_point_datalist=home,
+                         datalist=xray_root / "pneumonia_site2" / "datalist.json"))
+    out = tmp_path / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    card = metrics["operating_point"]
+    val = read_case_scores(out / card["per_case"])
+    expected = [int(e["label"]) for e in datalist_section(home, "validation", 16)]
+    assert val["label"].astype(int).tolist() == expected  # the home site's validation split chose it
+    assert card["chosen_on_datalist"] == "pneumonia_nih" and metrics["threshold"] == card["threshold"]
+    assert card["threshold"] == pytest.approx(_youden_by_hand(val["label"], val["score"]))
+    test = read_case_scores(out / "per_case.csv")
+    for name, value in _counted(test["label"], test["score"], card["threshold"]).items():
+        assert metrics[name]["value"] == pytest.approx(value), name
 
 
 def test_a_malformed_operating_point_stops_the_run_naming_it(tmp_path, xray_root):

@@ -103,7 +103,7 @@ def _same_file(a: Any, b: Any) -> bool:
 
 def report_card_problems(task: str, operating_point: Any = "fixed", simulated_site: Any = False,
                          recalibrate_on: Any = None, datalist: Any = None, split: str = "test",
-                         given: Sequence[str] = ()) -> list[str]:
+                         given: Sequence[str] = (), operating_point_datalist: Any = None) -> list[str]:
     """One line per problem with the report-card settings (see :func:`check_report_card`); ``given``: the ids typed
     on the command line (a default value is never a problem)."""
     from ..data.simulated_site import simulated_site_name
@@ -134,6 +134,10 @@ def report_card_problems(task: str, operating_point: Any = "fixed", simulated_si
     if classification and rule not in (None, "fixed") and "threshold" in given:
         problems.append(f"--threshold is replaced by the threshold that --operating_point {operating_point} chooses "
                         "on the validation split; leave --threshold out, or use --operating_point fixed to apply it")
+    if operating_point_datalist and rule in (None, "fixed") and "operating_point_datalist" in given:
+        problems.append("--operating_point_datalist names where --operating_point youden or sensitivity@<t> chooses "
+                        "its threshold; with --operating_point fixed nothing is chosen: give a rule, or leave "
+                        "--operating_point_datalist out")
     for name in ("recalibration", "recalibration_k"):
         if name in given and not recalibrate_on:
             problems.append(f"--{name} is read only with --recalibrate_on <datalist.json> (the new site's labelled "
@@ -155,7 +159,7 @@ def report_card_problems(task: str, operating_point: Any = "fixed", simulated_si
 
 def check_report_card(source: str, task: str, operating_point: Any = "fixed", simulated_site: Any = False,
                       recalibrate_on: Any = None, datalist: Any = None, split: str = "test",
-                      argv: Sequence[str] | None = None) -> None:
+                      argv: Sequence[str] | None = None, operating_point_datalist: Any = None) -> None:
     """The report-card settings of ``configs/evaluate.yaml``, checked in ``initialize`` before any data is read::
 
         - "$muscle_ext.handlers.report_card.check_report_card('downstream bundle', @task, @operating_point,
@@ -173,6 +177,8 @@ def check_report_card(source: str, task: str, operating_point: Any = "fixed", si
         datalist: the evaluated datalist (the slice of a simulated site must come from it).
         split: the evaluated section (``validate#split``).
         argv: the command line (default ``sys.argv``): which settings were typed.
+        operating_point_datalist: where the threshold is chosen (default ``datalist``; another site's evaluation
+            carries the home threshold).
 
     Raises:
         OverrideError: every problem, one line each, naming the setting and the fix.
@@ -182,7 +188,8 @@ def check_report_card(source: str, task: str, operating_point: Any = "fixed", si
 
     found = split_overrides(argv)
     given = list(found[1]) if found is not None else []
-    problems = report_card_problems(task, operating_point, simulated_site, recalibrate_on, datalist, split, given)
+    problems = report_card_problems(task, operating_point, simulated_site, recalibrate_on, datalist, split, given,
+                                    operating_point_datalist)
     if problems:
         raise OverrideError(f"{source}: {len(problems)} problem(s) with the report-card settings, nothing was run:\n"
                             + "\n".join(f"  {p}" for p in problems))
@@ -399,7 +406,10 @@ class CarriedOperatingPoint:
 
     def section(self, labels: ArrayLike, probs: ArrayLike, split: str = "test") -> dict[str, Any]:
         """:func:`carry_operating_point` from the validation scores to ``(labels, probs)`` of ``split``."""
-        return carry_operating_point(self.setting, self.scores(), (labels, probs), split, self.section_name)
+        from ..engines.adaptation import datalist_name  # a name, never a path (it may name a hospital's folders)
+
+        carried = carry_operating_point(self.setting, self.scores(), (labels, probs), split, self.section_name)
+        return {**carried, "chosen_on_datalist": datalist_name(self.datalist)}
 
 
 def carried_operating_point(setting: str, datalist: str | os.PathLike, scorer: SplitScorer, transform: Callable,

@@ -21,7 +21,11 @@ A preset's keys (``presets/quick.yaml`` is the reference):
   classification task, ``{methods, ks, draws, finetune_epochs}`` (any subset; the rest as in ``adapt_curves.yaml``):
   each fine-tuned model is then adapted to that site with k labelled patients per class of its ``training`` split,
   every method, k and draw (``adapt_curves.yaml``, one stage per start), and the report draws the curves;
-  ``evaluate_overrides``, optional: the task's own evaluation settings (e.g. ``subgroups``, ``operating_point``),
+  ``simulated_site``, optional (``true`` or a look of ``muscle_ext.data.simulated_site``): each fine-tuned model
+  is also scored on the test split as another detector would show it, and (classification) recalibrated on a
+  slice of the simulated validation split, in ``simulated/``; the report gives internal vs simulated and ECE before
+  and after recalibration; ``evaluate_overrides``, optional: the task's own evaluation settings (e.g.
+  ``subgroups``, ``operating_point``: a threshold chosen at home is carried to the other site),
   over the section's. The evaluation report card, optional per task:
   ``label_efficiency: {fractions, seeds, starts}`` fine-tunes on nested, stratified (patient-grouped) subsets of
   the training split (default 1 %, 10 %, 100 %; seeds job seed + 0, 1, 2; every start), one stage per start,
@@ -62,10 +66,13 @@ SECTION_KEYS = {"pretrain": ("configs", "overrides", "nproc_per_node"),
                 "continual": ("configs", "overrides", "variants", "nproc_per_node"),
                 "downstream": ("configs", "overrides", "evaluate_overrides", "starts", "tasks", "nproc_per_node"),
                 "embedding_map": ("datalist", "section", "color_by")}
-TASK_KEYS = ("config", "datalist", "overrides", "evaluate_overrides", "paper", "external", "adapt", "label_efficiency",
-             "protocols")
+TASK_KEYS = ("config", "datalist", "overrides", "evaluate_overrides", "paper", "external", "simulated_site", "adapt",
+             "label_efficiency", "protocols")
 CARD_KEYS = {"label_efficiency": ("fractions", "seeds", "starts"), "protocols": ("methods", "starts")}
 PROTOCOLS = ("linear_probe", "knn")
+# settings of evaluate.yaml alone (its report card): kept out of the kNN and adaptation commands (not in their configs)
+EVALUATE_ONLY = ("operating_point", "operating_point_datalist", "simulated_site", "recalibrate_on", "recalibration",
+                 "recalibration_k")
 # the fine-tuning settings a kNN stage shares (sizes and loading; no training settings: nothing trains)
 KNN_SETTINGS = ("image_size", "max_items", "batch_size", "num_workers", "cache", "label_fraction", "class_names")
 ADAPT_KEYS = ("methods", "ks", "draws", "finetune_epochs")  # settings of bundles/downstream/configs/adapt_curves.yaml
@@ -197,6 +204,10 @@ class _TaskCommands:
                                                            **self.spec.get("overrides", {}), **(extra or {}),
                                                            **where, **init}, self.processes)
         return train, BundleCommand("downstream", self.evaluate_configs, scoring), scoring
+
+
+def _without(overrides: Mapping[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in overrides.items() if k not in names}
 
 
 def _percent(fraction: float) -> str:
@@ -350,18 +361,28 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
             commands, outputs, extra = [train, evaluate], ["metrics.json"], {}
             if spec.get("external"):  # the same model on another site's test split, in its own folder
                 external = Path(spec["external"])
+                home = ({"operating_point_datalist": datalist}  # a threshold is chosen at home, then carried
+                        if str(scoring.get("operating_point", "fixed")) != "fixed" else {})
                 commands.append(BundleCommand("downstream", evaluate_configs,
-                                              {**scoring, "datalist": external, "output_dir": folder / "external",
-                                               "model_dir": folder / "models"}))
+                                              {**scoring, **home, "datalist": external,
+                                               "output_dir": folder / "external", "model_dir": folder / "models"}))
                 inputs = (*inputs, external)
                 extra = {"external": external.parent.name, "external_datalist": str(external)}
                 outputs.append("external/metrics.json")
+            if spec.get("simulated_site"):  # the test split as another detector would show it, then recalibrated
+                look = spec["simulated_site"]
+                recalibrate = ({"recalibrate_on": datalist} if spec["config"] == "classification.yaml" else {})
+                commands.append(BundleCommand("downstream", evaluate_configs,
+                                              {**scoring, "simulated_site": look, **recalibrate,
+                                               "output_dir": folder / "simulated", "model_dir": folder / "models"}))
+                extra = {**extra, "simulated_site": str(look)}
+                outputs.append("simulated/metrics.json")
             stages.append(Stage(name, folder, commands, needs=needs, inputs=inputs,
                                 outputs=tuple(outputs), description=f"{task} from {start}",
                                 extra={"kind": "downstream", "task": task, "start": start, **extra,
                                        **({"paper": spec["paper"]} if spec.get("paper") else {})}))
             if spec.get("adapt") is not None:
-                stages.append(_adaptation_stage(task, start, spec, scoring, folder, out))
+                stages.append(_adaptation_stage(task, start, spec, _without(scoring, EVALUATE_ONLY), folder, out))
 
         efficiency = spec.get("label_efficiency")
         if efficiency is not None:  # fine-tuning on nested, stratified subsets of the training split, several seeds
@@ -397,7 +418,8 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
                         sizes = {k: v for k, v in {**down.get("overrides", {}), **spec.get("overrides", {})}.items()
                                  if k in KNN_SETTINGS}
                         commands = [BundleCommand("downstream", ("common.yaml", spec["config"], "knn.yaml"),
-                                                  {**sizes, **scoring_overrides, **where, **init})]
+                                                  {**sizes, **_without(scoring_overrides, EVALUATE_ONLY),
+                                                   **where, **init})]
                     stages.append(Stage(name, folder, commands, needs=needs, inputs=inputs,
                                         outputs=("metrics.json",), description=f"{task}: {method} on {start}",
                                         extra={"kind": "protocol", "task": task, "start": start,
