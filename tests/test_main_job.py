@@ -53,7 +53,8 @@ def _reproduce(capsys, *args) -> tuple[int, str]:
 SMALL = {"downstream.starts": ["muscle_minus", "muscle"],
          "downstream.tasks": {"finding": {"config": "classification.yaml",
                                           "datalist": "{data}/chest_findings/datalist.json",
-                                          "overrides": {"class_names": "['clear','opacity']"}}}}
+                                          "overrides": {"class_names": "['clear','opacity']"},
+                                          "protocols": {"methods": ["knn"], "starts": ["muscle"]}}}}
 
 
 @pytest.mark.timeout(900)
@@ -67,7 +68,7 @@ def test_synthetic_preset_end_to_end_reuses_reruns_and_reports(tmp_path, capsys,
     tasks = 2 if size == "full" else 1
     n_tuned = len(starts) * tasks
     n_embed = len([s for s in starts if s != "Scratch"])  # a t-SNE map of each pre-trained backbone
-    n_stages = 3 + n_tuned + n_embed  # MD-MoCo, 2 continual, fine-tunings, embeddings
+    n_stages = 3 + n_tuned + n_embed + 1  # MD-MoCo, 2 continual, fine-tunings, embeddings, MUSCLE's kNN
     code, said = _reproduce(capsys, "--preset", preset, "--out", out)  # no data needed: the job writes phantoms
     assert code == 0, said
     last = "embed_muscle"
@@ -85,7 +86,9 @@ def test_synthetic_preset_end_to_end_reuses_reruns_and_reports(tmp_path, capsys,
     assert "Does the paper's ranking hold here? " in report and "MUSCLE at least MUSCLE--: " in report
     if size == "full":
         assert "MD-MoCo above Scratch: " in report and "## lungs (segmentation, test n = 24)" in report
-    assert report.count("python -m monai.bundle run") == 3 + n_tuned * 2 + n_embed  # each runnable on its own
+    assert report.count("python -m monai.bundle run") == 3 + n_tuned * 2 + n_embed + 1  # each runnable on its own
+    knn = report.index("| start | fine-tuned | knn |")  # the report card: kNN beside fine-tuning
+    assert report[knn:].splitlines()[2].startswith("| MUSCLE | ") and "missing" not in report[knn:].splitlines()[2]
     assert "![t-SNE maps of the backbone embeddings](figures/embeddings_tsne.png)" in report
     # training curves of every start, from the stages' own MLflow runs (tagged with their stage)
     assert "![Training curves of every start on finding: validation val_auc per epoch, training loss]" \
@@ -109,7 +112,7 @@ def test_synthetic_preset_end_to_end_reuses_reruns_and_reports(tmp_path, capsys,
     job_id = json.loads((out / "job_run.json").read_text())["run_id"]
     runs = client.search_runs([client.get_experiment_by_name("muscle_reproduce").experiment_id])
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == job_id]
-    assert len(runs) == 1 + 3 + 2 * n_tuned + n_embed and len(children) == len(runs) - 1
+    assert len(runs) == 1 + 3 + 2 * n_tuned + n_embed + 1 and len(children) == len(runs) - 1
     job = client.get_run(job_id)
     assert job.info.status == "FINISHED" and job.data.tags[f"stage.{last}"] == "done"
     assert [a.path for a in client.list_artifacts(job_id)] == ["report.html", "report.md"]
