@@ -24,7 +24,9 @@ def _overconfident(n: int = 4000, seed: int = 0, temperature: float = 2.0) -> tu
     return y, 1 / (1 + np.exp(-temperature * z))
 
 
-def _ece_by_hand(y, p, n_bins):
+def _ece_by_hand(y, p, n_bins=10):
+    """Equal-width bins, the first closed on both sides, the others (lo, hi]: the case-weighted |observed - mean p|
+    (an independent computation, shared with tests/test_report_card_evaluate.py)."""
     total = 0.0
     for b in range(n_bins):
         lo, hi = b / n_bins, (b + 1) / n_bins

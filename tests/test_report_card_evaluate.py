@@ -35,23 +35,14 @@ from muscle_ext.metrics import read_case_scores
 from muscle_ext.settings import SettingsError
 
 from tests.bundle_utils import downstream_configs, run_bundle, save_best_model
+from tests.test_calibration import _ece_by_hand
 
 SIZE = 64
 PNEUMONIA = "pneumonia_nih/datalist.json"
 
 
 # ------------------------------------------------------------------------------------- independent computations
-def _ece_by_hand(y: np.ndarray, p: np.ndarray, n_bins: int = 10) -> float:
-    """Equal-width bins, the first closed on both sides, the others (lo, hi]: the case-weighted |observed - mean p|."""
-    total = 0.0
-    for b in range(n_bins):
-        lo, hi = b / n_bins, (b + 1) / n_bins
-        inside = (p > lo) & (p <= hi) if b else (p >= lo) & (p <= hi)
-        if inside.any():
-            total += inside.sum() / len(p) * abs(y[inside].mean() - p[inside].mean())
-    return float(total)
-
-
+# _ece_by_hand: tests/test_calibration.py
 def _youden_by_hand(y: np.ndarray, p: np.ndarray) -> float:
     """The highest candidate threshold maximising sensitivity + specificity - 1 (p >= t is positive)."""
     candidates = np.unique(p)[::-1]  # highest first: ties go to the highest threshold
