@@ -255,17 +255,23 @@ def test_mean_auc_over_draws_is_the_mean_of_each_draws_auc_with_an_interval_arou
 
 
 def test_adapt_curves_config_sweeps_methods_k_and_draws_and_writes_no_model(tmp_path, xray_root):
+    from muscle_ext.networks import save_backbone
+
     from tests.bundle_utils import run_bundle
 
     source = _model_file(tmp_path / "source", xray_root)
+    continued = tmp_path / "continued" / "backbone.pt"  # the continual pre-training path: another backbone
+    continued.parent.mkdir()
+    save_backbone(continued, _tiny_model(1).backbone, "resnet18", {"imagenet_stem": True})
     out = tmp_path / "curves"
     run_bundle("downstream", ["common.yaml", "classification.yaml", "adapt.yaml", "adapt_curves.yaml"],
-               {"dataset_dir": xray_root, "model_path": source, "output_dir": out,
+               {"dataset_dir": xray_root, "model_path": source, "output_dir": out, "continued_backbone": continued,
                 "target_datalist": xray_root / "pneumonia_site2" / "datalist.json",
                 "methods": ["none", "recalibrate", "adabn", "head"], "ks": [2, 4], "draws": 2,
                 "max_items": 16, "num_workers": 0, "n_bootstrap": 20})
     curves = json.loads((out / "adaptation_curves.json").read_text())
     assert curves["ks"] == [2, 4] and curves["draws"] == 2 and curves["target_datalist"] == "pneumonia_site2"
+    assert curves["continued_backbone"]["file"] == "backbone.pt"  # recorded by name and SHA-256, never by path
     assert set(curves["methods"]) == {"none", "recalibrate", "adabn", "head"}
     for method, by_k in curves["methods"].items():
         for k in ("2", "4"):
@@ -300,3 +306,23 @@ def test_adapt_curves_refuses_a_single_model_setting_or_an_unknown_method(tmp_pa
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out" / "adaptation_curves.json").exists()
+
+
+def test_a_continued_backbone_replaces_the_backbone_and_keeps_the_head(tmp_path):
+    from muscle_ext.engines import replace_backbone
+    from muscle_ext.networks import save_backbone
+    from muscle_ext.settings import SettingsError
+
+    model, continued = _tiny_model(0), _tiny_model(1)
+    path = tmp_path / "backbone.pt"
+    save_backbone(path, continued.backbone, "resnet18", {"imagenet_stem": True})
+    head = {k: v.clone() for k, v in model.head.state_dict().items()}
+    record = replace_backbone(model, path)
+    assert record["file"] == "backbone.pt" and replace_backbone(model, None) is None
+    assert all(torch.equal(a, b) for a, b in zip(model.backbone.state_dict().values(),
+                                                 continued.backbone.state_dict().values(), strict=True))
+    assert all(torch.equal(model.head.state_dict()[k], v) for k, v in head.items())
+    other = tmp_path / "resnet34.pt"
+    save_backbone(other, build_backbone("resnet34", imagenet_stem=True), "resnet34", {"imagenet_stem": True})
+    with pytest.raises(SettingsError, match="--continued_backbone .*resnet34.pt: .*same architecture"):
+        replace_backbone(model, other)

@@ -14,6 +14,7 @@ from .adaptation import (
     fit_operating_point,
     load_images,
     predict_probabilities,
+    replace_backbone,
     save_adapted_model,
     split_shots,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "fit_operating_point",
     "load_images",
     "predict_probabilities",
+    "replace_backbone",
     "save_adapted_model",
     "split_shots",
     "LabelledImages",

@@ -49,7 +49,7 @@ from torch import nn
 from ..data import k_shot_subset, label_fraction_subset
 from ..metrics import binary_classification_report
 from ..metrics.calibration import fit_recalibration, operating_threshold
-from ..networks import adapt_batchnorm, find_backbone
+from ..networks import adapt_batchnorm, describe_weights, find_backbone, load_backbone_checkpoint
 from ..networks.model_settings import MODEL_FORMAT, plain_settings
 from ..networks.regularizers import l2sp_penalty, named_trainable, snapshot
 from ..settings import SettingsError
@@ -68,6 +68,7 @@ __all__ = [
     "load_images",
     "method_steps",
     "predict_probabilities",
+    "replace_backbone",
     "save_adapted_model",
     "split_shots",
 ]
@@ -427,6 +428,31 @@ def adapt_model(model: nn.Module, method: str, shots: tuple[torch.Tensor, torch.
                                                                                          config.batch_size),
                                                    config.calibration)
     return result
+
+
+def replace_backbone(model: nn.Module, path: str | os.PathLike | None) -> dict[str, Any] | None:
+    """Load a backbone checkpoint (``muscle-backbone/1``, ``weights_only=True``) into ``model``'s backbone, the
+    head kept: the continual pre-training path, where MD-MoCo continued on the new site's unlabelled images (the
+    pretrain bundle with ``--init checkpoint``) gives the backbone and a head method then re-fits the head on the k
+    shots. ``None`` leaves the model as it is.
+
+    Returns:
+        What the adapted model records of the file (:func:`muscle_ext.networks.describe_weights`), or ``None``.
+
+    Raises:
+        SettingsError: the file is not a backbone checkpoint, or its architecture does not fit the model's backbone
+            (``--continued_backbone`` named, with the fix).
+    """
+    if not path:
+        return None
+    try:
+        payload = load_backbone_checkpoint(path)
+        find_backbone(model).load_state_dict(payload["state_dict"], strict=True)
+    except (ValueError, RuntimeError, KeyError) as error:
+        raise SettingsError(f"--continued_backbone {path}: {str(error).splitlines()[0]}; give the backbone.pt that "
+                            "MD-MoCo continued from this model's own backbone (same architecture)") from None
+    logger.info(f"backbone replaced by {Path(path).name} (continued pre-training); the head is the source model's")
+    return describe_weights(path)
 
 
 # ------------------------------------------------------------------------------------------- scoring and saving
