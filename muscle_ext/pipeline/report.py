@@ -210,16 +210,16 @@ def _label_efficiency_lines(root: Path, task: str, by_start: dict[str, dict], st
         if stage["name"] in done:
             runs.setdefault(stage["start"], {}).setdefault(stage["fraction"], []).append(
                 Path(stage["output_dir"]) / "per_case.csv")
-    for start, stage in by_start.items():  # the task's own stage: all labels, the job's seed
-        if start in runs and stage["name"] in done and 1.0 in {s["fraction"] for s in stages}:
+    for start, stage in by_start.items():  # the task's own stage is the 100 % run at the job's seed
+        if start in runs and stage["name"] in done:
             runs[start].setdefault(1.0, []).insert(0, Path(stage["output_dir"]) / "per_case.csv")
-    fractions = sorted({s["fraction"] for s in stages})
-    seeds = sorted({s["seed"] for s in stages} | ({job_seed} if 1.0 in fractions else set()))
+    fractions = sorted({s["fraction"] for s in stages} | {1.0})
+    seeds = sorted({s["seed"] for s in stages} | {job_seed})
     lines = ["", f"### Label efficiency on {task}", "",
              f"Fine-tuned on {', '.join(f'{100 * f:g} %' for f in fractions)} of the training split (stratified by "
              "class, grouped by patient where a patient id exists, nested: the smaller subset inside the larger for "
-             f"one seed), seeds {', '.join(map(str, seeds))}; the test metric averaged over seeds, with a 95 % "
-             "interval over test cases and seeds.", ""]
+             f"one seed), seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; the test metric "
+             "averaged over seeds, with a 95 % interval over test cases and seeds.", ""]
     if not runs:
         return [*lines, "No finished run yet."]
     curves: dict[str, dict[float, dict]] = {}
@@ -234,8 +234,8 @@ def _label_efficiency_lines(root: Path, task: str, by_start: dict[str, dict], st
     lines += ["| start | " + " | ".join(f"{100 * f:g} % of labels" for f in fractions) + " |",
               "|---|" + "---|" * len(fractions)]
     for name, by_fraction in curves.items():
-        cells = [f"{_fmt(by_fraction[f])} ({by_fraction[f]['runs']} seeds)" if f in by_fraction else "missing"
-                 for f in fractions]
+        cells = [f"{_fmt(by_fraction[f])} ({by_fraction[f]['runs']} seed{'s' if by_fraction[f]['runs'] > 1 else ''})"
+                 if f in by_fraction else "missing" for f in fractions]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     figure = plot_label_efficiency(curves, root / "figures" / f"{task}_label_efficiency.png", metric,
                                    title=f"{task}: label efficiency (test {metric})")
@@ -264,7 +264,8 @@ def _site_card_lines(by_start: dict[str, dict], done: set[str], headline: str) -
                  if stage.get("simulated_site") and stage["name"] in done}
     if simulated:
         site = None
-        rows = []
+        rows: list[str] = []
+        warnings: list[str] = []
         for start, stage in simulated.items():
             folder = Path(stage["output_dir"])
             home, there = _read_json(folder / "metrics.json") or {}, _read_json(folder / "simulated" /
@@ -275,6 +276,9 @@ def _site_card_lines(by_start: dict[str, dict], done: set[str], headline: str) -
                       if None not in (_value(there.get(headline)), _value(home.get(headline))) else "n/a")
             ece = (f"{_fmt(recal.get('ece_before'))} -> {_fmt(recal.get('ece_after'))}" if recal
                    else _fmt(there.get("ece")))
+            if recal.get("warning"):  # e.g. a temperature at the edge of its search: near-constant probabilities
+                ece += " ⚠"
+                warnings.append(f"{NAMES.get(start, start)}: {recal['warning']}")
             rows.append(f"| {NAMES.get(start, start)} | {_fmt(home.get(headline))} | {_fmt(there.get(headline))} | "
                         f"{change} | {ece} |")
         lines += ["", f"A simulated site, clearly not a real one: the test images as {site or 'another detector'} "
@@ -283,6 +287,8 @@ def _site_card_lines(by_start: dict[str, dict], done: set[str], headline: str) -
                   f"| start | {headline} as acquired | {headline} simulated | change | "
                   "ECE simulated, before -> after |",
                   "|---|---|---|---|---|", *rows]
+        if warnings:
+            lines += ["", "⚠ " + "; ".join(warnings)]
     carried = {}
     for start, stage in by_start.items():
         if stage["name"] not in done:
