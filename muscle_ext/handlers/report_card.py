@@ -181,17 +181,16 @@ def check_report_card(source: str, task: str, operating_point: Any = "fixed", si
             carries the home threshold).
 
     Raises:
-        OverrideError: every problem, one line each, naming the setting and the fix.
+        SettingsError: every problem, one line each, naming the setting and the fix.
     """
     from ..bundle_args import split_overrides
-    from ..bundle_checks import OverrideError
 
     found = split_overrides(argv)
     given = list(found[1]) if found is not None else []
     problems = report_card_problems(task, operating_point, simulated_site, recalibrate_on, datalist, split, given,
                                     operating_point_datalist)
     if problems:
-        raise OverrideError(f"{source}: {len(problems)} problem(s) with the report-card settings, nothing was run:\n"
+        raise SettingsError(f"{source}: {len(problems)} problem(s) with the report-card settings, nothing was run:\n"
                             + "\n".join(f"  {p}" for p in problems))
 
 
