@@ -15,8 +15,8 @@ handlers that run at every training iteration (LR schedule, loss logging to a lo
 the continual trainer's memorization) and without those that validate, checkpoint, export a backbone, track in MLflow
 or draw a progress bar (they run per epoch or write files, and a plain loop would pay the same for the same feature).
 The data loader is replaced by an in-memory list of synthetic batches with the shapes and types the bundle's own
-pipeline yields (MetaTensor images for the downstream and continual tasks, plain tensors for MoCo's two views; lists
-of item dicts for detection), so that loading and augmentation are excluded.
+pipeline yields (plain tensors: every training chain ends without MetaTensor tracking; lists of item dicts for
+detection), so that loading and augmentation are excluded.
 
 **Reference side.** A hand-written PyTorch loop over the same batches as plain tensors (what a plain PyTorch pipeline
 yields), with a second network, optimiser, LR schedule and loss from a second parse of the same config (the same
@@ -35,8 +35,8 @@ interrupted run keeps what it measured). ``--render`` rewrites the ``.md`` from 
 
 Run it on an otherwise idle machine, from the repository root; at the defaults it trains 960 iterations of batch 32 at
 64 px (5 trainers x 2 sides x 6 rounds x 16), plus 32 under the profiler per flagged trainer: roughly 10-20 minutes
-on the 2-core CPU machines here (each trainer's ``wall_s`` is in the result). Where a downstream trainer is flagged,
-``--only <it> --plain-inputs --name trainers_plain_inputs`` shows how much of the gap the MetaTensor inputs make.
+on the 2-core CPU machines here (each trainer's ``wall_s`` is in the result). ``--meta-inputs`` gives the downstream
+and continual engines MetaTensor images (what their training chains yielded before 2026-12-01) to show that cost.
 """
 
 from __future__ import annotations
@@ -108,21 +108,24 @@ def _boxes(g: torch.Generator, size: int, num_classes: int) -> tuple[torch.Tenso
     return boxes, torch.randint(0, num_classes, (n,), generator=g, dtype=torch.int64)
 
 
-def supervised_batch(g: torch.Generator, kind: str, batch: int, size: int, num_classes: int = 2) -> Any:
-    """One batch as the bundle's loader yields it: collated MetaTensor images (and masks) for classification and
-    segmentation, a list of item dicts (MetaTensor image, box, label) for detection."""
+def supervised_batch(g: torch.Generator, kind: str, batch: int, size: int, num_classes: int = 2,
+                     meta: bool = False) -> Any:
+    """One batch as the bundle's loader yields it: collated image (and mask) tensors for classification and
+    segmentation, a list of item dicts (image, box, label) for detection. ``meta``: images (and masks) as MetaTensors,
+    as the training chains yielded them before they ended in ``EnsureTyped(track_meta=False)``."""
+    wrap = MetaTensor if meta else (lambda x: x)
     if kind == "classification":
-        items = [{"image": MetaTensor(_image(g, size)), "label": int(torch.randint(0, num_classes, (1,), generator=g))}
-                 for _ in range(batch)]
+        items = [{"image": wrap(_image(g, size)),
+                  "label": torch.tensor(int(torch.randint(0, num_classes, (1,), generator=g)))} for _ in range(batch)]
         return list_data_collate(items)
     if kind == "segmentation":
-        items = [{"image": MetaTensor(_image(g, size)), "label": MetaTensor(_mask(g, size))} for _ in range(batch)]
+        items = [{"image": wrap(_image(g, size)), "label": wrap(_mask(g, size))} for _ in range(batch)]
         return list_data_collate(items)
     if kind == "detection":
         out = []
         for _ in range(batch):
             boxes, labels = _boxes(g, size, num_classes)
-            out.append({"image": MetaTensor(_image(g, size)), "box": boxes, "label": labels})
+            out.append({"image": wrap(_image(g, size)), "box": boxes, "label": labels})
         return out
     raise ValueError(f"no synthetic batches for tasks of kind {kind!r}")
 
@@ -178,6 +181,19 @@ def parse(files: list[Path], overrides: dict[str, Any], batches: Any) -> tuple[C
     kept, dropped = training_handlers(parser)
     parser.parse()
     return parser, kept, dropped
+
+
+def engine_and_reference(files: list[Path], overrides: dict[str, Any], batches: Any,
+                         seed: int) -> tuple[ConfigParser, Any, list[str], list[str], ConfigParser]:
+    """The engine from one parse and a second parse of the same config for the reference loop's network, optimiser
+    and schedule, each from the same seed (the same initial weights). Returns ``(parser, trainer, kept handlers,
+    dropped handlers, reference parser)``."""
+    parser, kept, dropped = parse(files, overrides, batches)
+    set_determinism(seed)
+    trainer = parser.get_parsed_content("train#trainer")
+    ref, _, _ = parse(files, overrides, batches)
+    set_determinism(seed)
+    return parser, trainer, kept, dropped, ref
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -273,11 +289,7 @@ def build_moco(args: argparse.Namespace, work: Path) -> Pair:
     files = [root / "train.yaml", root / "quick.yaml"]
     overrides = {**common_overrides(args, work, "muscle_pretrain"), "num_epochs": args.repeats + 3,
                  "knn_monitor": False, "train#dataloader": "$bench_batches"}
-    parser, kept, dropped = parse(files, overrides, batches)
-    set_determinism(args.seed)
-    trainer = parser.get_parsed_content("train#trainer")
-    ref, _, _ = parse(files, overrides, batches)
-    set_determinism(args.seed)
+    parser, trainer, kept, dropped, ref = engine_and_reference(files, overrides, batches, args.seed)
     network = ref.get_parsed_content("network")
     optimizer = ref.get_parsed_content("train#optimizer")
     scheduler = ref.get_parsed_content("train#lr_scheduler")
@@ -332,8 +344,8 @@ def build_continual(args: argparse.Namespace, work: Path) -> Pair:
         g = torch.Generator().manual_seed(args.seed)
         batches = {}
         for name, spec in task_set.specs.items():
-            batches[name] = [supervised_batch(g, spec.kind, args.batch_size, args.image_size, spec.num_classes or 2)
-                             for _ in range(DISTINCT_BATCHES)]
+            batches[name] = [supervised_batch(g, spec.kind, args.batch_size, args.image_size, spec.num_classes or 2,
+                                              meta=args.meta_inputs) for _ in range(DISTINCT_BATCHES)]
         task_set.train_loader = batches.__getitem__  # TaskSet.train_tasks builds the tasks with these
         return task_set, batches
 
@@ -393,7 +405,8 @@ def build_continual(args: argparse.Namespace, work: Path) -> Pair:
                     + f"; L2-SP memorization weight {weight}",
             "optimizer": type(optimizer).__name__, "amp": amp, "params": count_params(networks),
             "schedule": repr(schedule), "handlers": kept, "handlers_left_out": dropped,
-            "engine_inputs": "collated MetaTensor images (and masks), as TaskSet's loaders yield",
+            "engine_inputs": "collated MetaTensor images (and masks) (--meta-inputs)" if args.meta_inputs else
+                             "collated tensors, as TaskSet's training loaders yield",
             "same_initial_weights": same_weights(parser.get_parsed_content("network"), networks)}
     return Pair("continual", trainer, reference, args.batch_size, device, info, (trainer.network, networks))
 
@@ -403,17 +416,12 @@ def build_downstream(args: argparse.Namespace, work: Path, task: str) -> Pair:
     files = [root / "common.yaml", root / f"{task}.yaml", root / "quick.yaml"]
     g = torch.Generator().manual_seed(args.seed)
     num_classes = 2  # classification: the default two classes; segmentation: background and lung; detection: 2
-    distinct = [supervised_batch(g, task, args.batch_size, args.image_size, num_classes)
+    distinct = [supervised_batch(g, task, args.batch_size, args.image_size, num_classes, meta=args.meta_inputs)
                 for _ in range(DISTINCT_BATCHES)]
     batches = cycled(distinct, args.steps)
-    engine_batches = plain(batches) if args.plain_inputs else batches
     overrides = {**common_overrides(args, work, "downstream"), "num_epochs": args.repeats + 3, "init": "scratch",
                  "train#dataloader": "$bench_batches"}
-    parser, kept, dropped = parse(files, overrides, engine_batches)
-    set_determinism(args.seed)
-    trainer = parser.get_parsed_content("train#trainer")
-    ref, _, _ = parse(files, overrides, engine_batches)
-    set_determinism(args.seed)
+    parser, trainer, kept, dropped, ref = engine_and_reference(files, overrides, batches, args.seed)
     network = ref.get_parsed_content("network")
     optimizer = ref.get_parsed_content("train#optimizer")
     scheduler = ref.get_parsed_content("train#lr_scheduler")
@@ -462,9 +470,9 @@ def build_downstream(args: argparse.Namespace, work: Path, task: str) -> Pair:
             "network": f"{type(network).__name__}({parser.get_parsed_content('arch')})",
             "loss": type(loss_function).__name__, "optimizer": type(optimizer).__name__, "amp": amp,
             "params": count_params(network), "handlers": kept, "handlers_left_out": dropped,
-            "engine_inputs": "plain tensors (--plain-inputs)" if args.plain_inputs else
-            ("lists of items with MetaTensor images" if task == "detection" else
-             "collated MetaTensor batches, as the bundle's loader yields"),
+            "engine_inputs": ("lists of items" if task == "detection" else "collated batches")
+                             + (" with MetaTensor images (--meta-inputs)" if args.meta_inputs
+                                else " of plain tensors, as the bundle's training loader yields"),
             "same_initial_weights": same_weights(engine_net, network)}
     if task == "detection":
         info["max_grad_norm"] = max_grad_norm
@@ -685,8 +693,8 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="tasks of the continual trainer (names of its task_specs; default pneumonia lung)")
     parser.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: the bundles' own choice)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--plain-inputs", action="store_true",
-                        help="give the downstream engines plain tensors too (what MetaTensor inputs cost)")
+    parser.add_argument("--meta-inputs", action="store_true",
+                        help="give the downstream and continual engines MetaTensor images (what they cost)")
     parser.add_argument("--threshold", type=float, default=THRESHOLD)
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="do not profile the trainers below the threshold")
@@ -715,7 +723,7 @@ def main() -> None:
     log_to_file(args.work / "engines.log")
     settings = {"image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
                 "repeats": args.repeats, "threshold": args.threshold, "seed": args.seed,
-                "continual_tasks": args.continual_tasks, "plain_inputs": args.plain_inputs, "device": "?"}
+                "continual_tasks": args.continual_tasks, "meta_inputs": args.meta_inputs, "device": "?"}
     results: dict[str, dict] = {}
     for name in args.only:
         start = time.perf_counter()

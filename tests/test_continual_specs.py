@@ -172,6 +172,17 @@ def test_regression_target_is_scaled_from_the_training_labels(task_set, xray_roo
     assert fixed.target_scale("b") == (127.0, 41.0)
 
 
+def test_training_batches_are_plain_tensors_and_validation_keeps_meta(task_set):
+    """Training skips MetaTensor bookkeeping (its cost: benchmarks/results/trainers.md); validation keeps it."""
+    from monai.data import MetaTensor
+
+    for name in ("pneumonia", "lung"):
+        train = task_set.transform(name, training=True)(task_set.data(name, "training")[0])
+        validation = task_set.transform(name, training=False)(task_set.data(name, "validation")[0])
+        assert type(train["image"]) is torch.Tensor and type(train["label"]) is torch.Tensor, name
+        assert isinstance(validation["image"], MetaTensor), name
+
+
 def test_every_task_is_validated_by_its_metric(task_set):
     nets = task_set.networks(_backbone())
     history = MetricHistory("unused.json", lower_is_better=task_set.lower_is_better)

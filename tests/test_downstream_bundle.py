@@ -461,6 +461,26 @@ def test_configs_parse(task, extra):
     assert parser.get("run")
 
 
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_training_batches_are_plain_tensors_and_validation_keeps_meta(task, xray_root, tmp_path):
+    """Training skips MetaTensor bookkeeping (its cost: benchmarks/results/trainers.md); the validation and test
+    chains keep the meta data the reports and inverted outputs read."""
+    from monai.bundle import ConfigParser
+    from monai.data import MetaTensor
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / f) for f in ("common.yaml", f"{task}.yaml")])
+    parser.update({"bundle_root": str(BUNDLES / "downstream"), "output_dir": str(tmp_path), "image_size": 32,
+                   "datalist": str(_default_datalist("segmentation" if task == "segmentation" else "pneumonia",
+                                                     xray_root)), "max_items": 4, "use_tracking": False})
+    parser.parse()
+    train = parser.get_parsed_content("train#dataset")[0]
+    validation = parser.get_parsed_content("validate#dataset")[0]
+    assert type(train["image"]) is torch.Tensor and type(train["label"]) is torch.Tensor
+    assert isinstance(validation["image"], MetaTensor) and "filename_or_obj" in validation["image"].meta
+    assert train["image"].shape == validation["image"].shape == (1, 32, 32)
+
+
 # -------------------------------------------------------------------------------------------------------- reports
 def test_report_with_one_class_writes_null_auc_and_no_roc(tmp_path):
     from ignite.engine import Engine

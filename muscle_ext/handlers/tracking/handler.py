@@ -179,15 +179,15 @@ class TrackingHandler:
 
     def iteration_completed(self, engine: Engine) -> None:
         loss = self.output_transform(engine.state.output)
-        step = engine.state.iteration
-        if loss is not None:
-            values = loss if isinstance(loss, Mapping) else {self.tag_name: loss}
-            self.run.log_metrics(dict(scalar_metrics(values, self.metric_prefix)), step)
+        values = {} if loss is None else dict(scalar_metrics(
+            loss if isinstance(loss, Mapping) else {self.tag_name: loss}, self.metric_prefix))
         optimizer = getattr(engine, "optimizer", None)
         if optimizer is not None:
-            self.run.log_metrics({f"{self.metric_prefix}{name}_group_{i}": float(group[name])
-                                  for name in self.optimizer_param_names
-                                  for i, group in enumerate(optimizer.param_groups) if name in group}, step)
+            values.update({f"{self.metric_prefix}{name}_group_{i}": float(group[name])
+                           for name in self.optimizer_param_names
+                           for i, group in enumerate(optimizer.param_groups) if name in group})
+        if values:  # one call per iteration: the writer timestamps and queues them together
+            self.run.log_metrics(values, engine.state.iteration)
 
     def epoch_completed(self, engine: Engine) -> None:
         values = dict(engine.state.metrics or {})
