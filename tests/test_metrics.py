@@ -16,6 +16,7 @@ from muscle_ext.metrics import (
     regression_report,
     roc_auc,
     roc_curve,
+    runs_mean_ci,
     segmentation_report,
     segmentation_scores,
 )
@@ -95,6 +96,46 @@ def test_paired_difference_matches_independent_loop():
     assert (low, high) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])))
     assert 0 < low < point < high  # pairing: the noisy copy is detectably worse
     assert paired_difference_ci(roc_auc, y, s, s, n_resamples=50) == (0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("metric", ["roc_auc", "dice", "mae"])
+def test_runs_mean_ci_matches_an_independent_loop_over_cases_then_runs(metric):
+    y, s = _binary_data(60)
+    rng = np.random.default_rng(2)
+    runs = {"roc_auc": s + rng.normal(0, 0.2, (3, 60)), "dice": rng.uniform(0, 1, (3, 60)),
+            "mae": y + rng.normal(0, 0.5, (3, 60))}[metric]
+    if metric == "dice":
+        runs[:, :4] = np.nan  # images without foreground: no Dice
+    labels = None if metric == "dice" else y
+
+    def score(run, idx):  # the metric from its definition, one run at a time
+        if metric == "roc_auc":
+            return roc_auc_score(y[idx], run[idx])
+        return np.nanmean(run[idx]) if metric == "dice" else mean_absolute_error(y[idx], run[idx])
+
+    result = runs_mean_ci(metric, runs, labels, n_resamples=150, seed=3, alpha=0.1)
+    # independent: cases as in bootstrap_indices (stratified for AUC), then the runs from a second generator
+    cases, draws = np.random.default_rng(3), np.random.default_rng(4)
+    groups = [np.flatnonzero(y == c) for c in np.unique(y)] if metric == "roc_auc" else [np.arange(60)]
+    means = []
+    for _ in range(150):
+        idx = np.concatenate([g[cases.integers(0, len(g), len(g))] for g in groups])
+        means.append(np.mean([score(runs[r], idx) for r in draws.integers(0, 3, 3)]))
+    everything = np.arange(60)
+    assert result["per_run"] == pytest.approx([score(run, everything) for run in runs])
+    assert result["value"] == pytest.approx(np.mean(result["per_run"]))
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx(tuple(np.percentile(means, [5, 95])))
+    assert result["ci_low"] < result["value"] < result["ci_high"]
+    assert (result["metric"], result["n"], result["runs"]) == (metric, 60, 3)
+
+
+def test_runs_mean_ci_refuses_what_it_cannot_score():
+    with pytest.raises(ValueError, match="expected one of roc_auc, dice, mae"):
+        runs_mean_ci("accuracy", np.zeros((2, 4)), np.zeros(4))
+    with pytest.raises(ValueError, match="mae needs the labels"):
+        runs_mean_ci("mae", np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="the runs score 4 cases"):
+        runs_mean_ci("roc_auc", np.zeros((2, 4)), np.array([0, 1, 0]))
 
 
 @pytest.mark.filterwarnings("ignore:Only one class is present")

@@ -239,17 +239,17 @@ def test_a_bad_method_or_too_large_k_stops_with_a_short_error(tmp_path, xray_roo
     assert "Traceback" not in proc.stderr and not (tmp_path / "out" / "models" / "model.pt").exists()
 
 
-def test_mean_auc_over_draws_is_the_mean_of_each_draws_auc_with_an_interval_around_it():
+def test_the_mean_auc_over_draws_is_the_mean_of_each_draws_auc_with_an_interval_around_it():
     from sklearn.metrics import roc_auc_score
 
-    from muscle_ext.engines import mean_auc_over_draws
+    from muscle_ext.metrics import runs_mean_ci
 
     rng = np.random.default_rng(0)
     labels = np.r_[np.zeros(30), np.ones(20)].astype(int)
     scores = labels + rng.normal(0, 1.0, size=(4, 50))
-    result = mean_auc_over_draws(labels, scores, n_resamples=200, seed=0)
+    result = runs_mean_ci("roc_auc", scores, labels, n_resamples=200, seed=0)
     expected = [roc_auc_score(labels, s) for s in scores]
-    assert np.allclose(result["per_draw"], expected)
+    assert np.allclose(result["per_run"], expected)
     assert result["value"] == pytest.approx(np.mean(expected))
     assert result["ci_low"] < result["value"] < result["ci_high"]
 

@@ -23,7 +23,6 @@ from .adaptation_curves import (
     adaptation_curves,
     best_methods,
     check_curve_settings,
-    mean_auc_over_draws,
     write_adaptation_curves,
 )
 from .continual import (
@@ -67,7 +66,6 @@ __all__ = [
     "adaptation_curves",
     "best_methods",
     "check_curve_settings",
-    "mean_auc_over_draws",
     "write_adaptation_curves",
     "AutocastInferer",
     "KNNClassifier",

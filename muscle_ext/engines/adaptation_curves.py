@@ -26,10 +26,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from torch import nn
 
-from ..metrics import bootstrap_indices, roc_auc, sensitivity, specificity
+from ..metrics import runs_mean_ci, sensitivity, specificity
 from ..metrics.report import write_report
 from ..networks import adapt_batchnorm, find_backbone
 from ..settings import SettingsError
@@ -42,7 +41,7 @@ from .adaptation import (
     predict_probabilities,
 )
 
-__all__ = ["LabelledImages", "adaptation_curves", "best_methods", "check_curve_settings", "mean_auc_over_draws",
+__all__ = ["LabelledImages", "adaptation_curves", "best_methods", "check_curve_settings",
            "write_adaptation_curves"]
 
 logger = logging.getLogger(__name__)
@@ -70,37 +69,12 @@ class LabelledImages:
         return cls(list(items), images, labels.numpy().astype(int))
 
 
-def _aucs(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """ROC AUC of each row of ``scores (D, N)``: the rank-sum (Mann-Whitney) form of
-    :func:`muscle_ext.metrics.roc_auc`, ties as halves, vectorised over rows (10^5 calls in the intervals)."""
-    positive = labels == 1
-    n1, n0 = int(positive.sum()), int((~positive).sum())
-    ranks = rankdata(scores, axis=1)
-    return (ranks[:, positive].sum(axis=1) - n1 * (n1 + 1) / 2) / (n1 * n0)
-
-
-def mean_auc_over_draws(labels: np.ndarray, scores: np.ndarray, n_resamples: int = 1000,
-                        seed: int = 0) -> dict[str, Any]:
-    """Mean ROC AUC over draws and its 95 % percentile interval.
-
-    Args:
-        labels: ``(N,)`` 0/1 test labels (both classes).
-        scores: ``(D, N)`` positive-class scores, one row per k-shot draw.
-        n_resamples: resamples of the test cases (stratified, :func:`muscle_ext.metrics.bootstrap_indices`), each
-            with the draws resampled too (with replacement), so the interval covers both sources of variation.
-
-    Returns:
-        ``{"value", "ci_low", "ci_high", "per_draw"}``.
-    """
-    labels, scores = np.asarray(labels).astype(int), np.atleast_2d(np.asarray(scores, dtype=float))
-    per_draw = np.array([roc_auc(labels, s) for s in scores])
-    rng = np.random.default_rng(seed + 1)
-    draws = len(scores)
-    values = [_aucs(labels[idx], scores[:, idx])[rng.integers(0, draws, draws)].mean()
-              for idx in bootstrap_indices(labels, n_resamples, seed)]
-    low, high = np.percentile(values, [2.5, 97.5])
-    return {"value": float(per_draw.mean()), "ci_low": float(low), "ci_high": float(high),
-            "per_draw": per_draw.tolist()}
+def _mean_auc(labels: np.ndarray, scores: np.ndarray, n_resamples: int, seed: int) -> dict[str, Any]:
+    """:func:`~muscle_ext.metrics.runs_mean_ci` of the draws' ROC AUCs (``scores (D, N)``, a row per draw) as
+    ``{"value", "ci_low", "ci_high", "per_draw"}``."""
+    result = runs_mean_ci("roc_auc", scores, labels, n_resamples, seed)
+    return {"value": result["value"], "ci_low": result["ci_low"], "ci_high": result["ci_high"],
+            "per_draw": result["per_run"]}
 
 
 def _at_thresholds(labels: np.ndarray, scores: np.ndarray, thresholds: Sequence[float]) -> dict[str, float]:
@@ -136,7 +110,9 @@ def adaptation_curves(model: nn.Module, methods: Sequence[str], ks: Sequence[int
         n_resamples: bootstrap resamples of each interval.
 
     Returns:
-        ``{"methods": {method: {str(k): {"target_auc", "source_auc"`` (:func:`mean_auc_over_draws`)``,
+        ``{"methods": {method: {str(k): {"target_auc", "source_auc"`` (``{"value", "ci_low", "ci_high",
+        "per_draw"}``: the mean over draws with a 95 % interval over test cases and draws,
+        :func:`~muscle_ext.metrics.runs_mean_ci`)``,
         "target_at_threshold", "epochs", "stopped_early", "seconds_per_draw"}}}, "seconds", "n_target_test",
         "n_source_test", "n_pool", "ks", "draws"}``.
 
@@ -200,8 +176,8 @@ def adaptation_curves(model: nn.Module, methods: Sequence[str], ks: Sequence[int
         for k, cell in by_k.items():
             target, source = np.stack(cell["target"]), np.stack(cell["source"])
             out["methods"][method][str(k)] = {
-                "target_auc": mean_auc_over_draws(target_test.labels, target, n_resamples, seed),
-                "source_auc": mean_auc_over_draws(source_test.labels, source, n_resamples, seed),
+                "target_auc": _mean_auc(target_test.labels, target, n_resamples, seed),
+                "source_auc": _mean_auc(source_test.labels, source, n_resamples, seed),
                 "target_at_threshold": _at_thresholds(target_test.labels, target, cell["threshold"]),
                 "epochs": cell["epochs"], "stopped_early": cell["stopped_early"],
                 "seconds_per_draw": round(float(np.mean(cell["seconds"])), 2)}

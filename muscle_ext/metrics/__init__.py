@@ -27,7 +27,7 @@ from muscle_ext.metrics.detection import COCO_IOU_RANGE, detection_report
 from muscle_ext.metrics.detection_metric import DetectionCOCOMetric
 from muscle_ext.metrics.segmentation import per_image_means, pooled_scores, segmentation_report, segmentation_scores
 
-from .comparison import mean_over_runs, paired_difference
+from .comparison import mean_over_runs, paired_difference, runs_mean_ci
 from .embedding import (
     collapse_score,
     embedding_map_2d,
@@ -52,6 +52,7 @@ __all__ = [
     "mean_over_runs",
     "paired_difference",
     "paired_difference_ci",
+    "runs_mean_ci",
     "confusion_matrix",
     "detection_report",
     "mae",
