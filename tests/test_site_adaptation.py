@@ -80,6 +80,42 @@ def _tiny_model(seed: int = 0) -> BackboneClassifier:
     return BackboneClassifier(build_backbone("resnet18", imagenet_stem=True), num_outputs=2).eval()
 
 
+def test_the_report_cards_scorer_is_the_engines_decode_and_predict_a_batch_at_a_time():
+    """SplitScorer (the evaluator's network and inferer) gives what load_images + predict_probabilities give;
+    decode_batches keeps the entries' order and turns one-hot labels into class indices."""
+    from monai.transforms import AsDiscreted, EnsureTyped
+
+    from muscle_ext.engines import AutocastInferer, decode_batches, load_images, predict_probabilities
+    from muscle_ext.handlers.report_card import SplitScorer
+
+    rng = np.random.default_rng(0)
+    items = [{"image": rng.normal(size=(1, SIZE, SIZE)).astype(np.float32), "label": int(v)}
+             for v in [0, 1, 1, 0, 1, 0, 0, 1, 1, 0]]
+    transform = Compose([EnsureTyped(keys="image")])  # MetaTensors, as the bundle's chains give them
+    one_hot = Compose([EnsureTyped(keys="image"), AsDiscreted(keys="label", to_onehot=2)])
+    batches = list(decode_batches(items, one_hot, batch_size=4))
+    assert [len(images) for images, _ in batches] == [4, 4, 2]
+    assert all(type(images) is torch.Tensor and images.dtype == torch.float32 for images, _ in batches)
+    labels = torch.cat([y for _, y in batches])
+    assert labels.tolist() == [int(e["label"]) for e in items] and labels.dtype == torch.int64
+    unlabelled = [{k: v for k, v in e.items() if k != "label"} for e in items]
+    assert all(y is None for _, y in decode_batches(unlabelled, transform, batch_size=4))
+
+    torch.manual_seed(0)  # a network whose outputs depend on its mode (batch norm, dropout)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(4, 2)).train()
+    images, _ = load_images(items, transform)
+    for inferer in (None, AutocastInferer()):
+        scored_labels, probs = SplitScorer(model, "cpu", inferer, batch_size=4)(items, one_hot)
+        assert model.training  # its mode restored
+        assert scored_labels.dtype == np.int64 and probs.dtype == np.float64
+        assert np.array_equal(scored_labels, labels.numpy())
+        assert np.array_equal(probs, predict_probabilities(model, images, 4, inferer))
+    with pytest.raises(ValueError, match="no 'label' to score against"):
+        SplitScorer(model)(unlabelled, transform)
+
+
 def test_recalibration_keeps_the_auc_and_moves_the_threshold_to_youdens_j(site2):
     from scipy.optimize import minimize_scalar
     from sklearn.metrics import roc_curve

@@ -34,7 +34,7 @@ import copy
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,7 @@ __all__ = [
     "adapt_model",
     "check_adaptation_paths",
     "datalist_name",
+    "decode_batches",
     "draw_shots",
     "evaluate_adapted",
     "fit_operating_point",
@@ -154,20 +155,42 @@ def split_shots(labels: Sequence[int], groups: Sequence[Any] | None = None, val_
     return train, sorted(held)
 
 
+def decode_batches(items: Sequence[Mapping[str, Any]], transform: Callable, batch_size: int = 32,
+                   num_workers: int = 0, image_key: str = "image",
+                   label_key: str = "label") -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Decode and pre-process ``items`` in their order, a batch at a time: ``(images (B, C, H, W) float32, labels
+    (B,) int64 or None)``.
+
+    ``transform`` is the dictionary chain the model was trained behind (the bundle's ``preprocessing`` +
+    ``normalize``, optionally a ``target`` transform); labels are ``None`` when the batch has none (unlabelled
+    images) and class indices when the transform made them one-hot ``(B, classes)``. Images are plain tensors (no
+    MONAI meta data)."""
+    loader = DataLoader(Dataset(list(items), transform), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers)
+    for batch in loader:
+        # plain tensors: MetaTensors of images of different sizes cannot be sliced again (inconsistent meta data)
+        images = torch.as_tensor(batch[image_key]).as_subclass(torch.Tensor).float()
+        labels = None
+        if label_key in batch:
+            labels = torch.as_tensor(batch[label_key])
+            one_hot = labels.ndim > 1 and labels.shape[1] > 1
+            labels = (labels.argmax(dim=1) if one_hot else labels.view(-1)).long()
+        yield images, labels
+
+
 def load_images(items: Sequence[Mapping[str, Any]], transform: Callable, batch_size: int = 32,
                 num_workers: int = 0, image_key: str = "image",
                 label_key: str = "label") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Decode and pre-process ``items`` once: ``(images (N, C, H, W) float32, labels (N,) int64 or None)``.
+    """Decode and pre-process ``items`` once (:func:`decode_batches`): ``(images (N, C, H, W) float32, labels (N,)
+    int64 or None)``; labels are ``None`` when an item has none (unlabelled images).
 
-    ``transform`` is the dictionary chain the model was trained behind (the bundle's ``preprocessing`` +
-    ``normalize``); labels are ``None`` when an item has none (unlabelled images)."""
-    loader = DataLoader(Dataset(list(items), transform), batch_size=batch_size, num_workers=num_workers)
+    Raises:
+        ValueError: no items."""
     images, labels = [], []
-    for batch in loader:
-        # plain tensors: MetaTensors of images of different sizes cannot be sliced again (inconsistent meta data)
-        images.append(torch.as_tensor(batch[image_key]).as_subclass(torch.Tensor).float())
-        if label_key in batch:
-            labels.append(torch.as_tensor(batch[label_key]).long().view(-1))
+    for batch_images, batch_labels in decode_batches(items, transform, batch_size, num_workers, image_key, label_key):
+        images.append(batch_images)
+        if batch_labels is not None:
+            labels.append(batch_labels)
     if not images:
         raise ValueError("no images to load")
     return torch.cat(images), (torch.cat(labels) if len(labels) == len(images) else None)
@@ -277,14 +300,30 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def predict_probabilities(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    """``(N,)`` softmax probability of label 1 for ``images (N, C, H, W)``, in eval mode (the model's mode is kept)."""
+def predict_probabilities(model: nn.Module, images: torch.Tensor, batch_size: int = 64,
+                          inferer: Callable | None = None, device: str | torch.device | None = None) -> np.ndarray:
+    """``(N,)`` softmax probability of label 1 (float64) for ``images (N, C, H, W)``, in eval mode and without
+    gradients (the model's mode is restored, also on an error).
+
+    Args:
+        model: a two-class model (two logits per image).
+        images: pre-processed and normalised as the model expects.
+        batch_size: images per forward pass.
+        inferer: ``inferer(images, model)`` in place of ``model(images)``, e.g. an evaluator's
+            :class:`~muscle_ext.engines.AutocastInferer` (``None``: ``model(images)``).
+        device: where the images go (``None``: the device of the model's first parameter).
+    """
     was_training = model.training
     model.eval()
-    device = _device(model)
-    out = [torch.softmax(model(images[i:i + batch_size].to(device)).float(), dim=1)[:, 1].cpu()
-           for i in range(0, len(images), batch_size)]
-    model.train(was_training)
+    device = _device(model) if device is None else torch.device(device)
+    out = []
+    try:
+        for i in range(0, len(images), batch_size):
+            batch = images[i:i + batch_size].to(device)
+            logits = model(batch) if inferer is None else inferer(batch, model)
+            out.append(torch.softmax(torch.as_tensor(logits).float(), dim=1)[:, 1].cpu())
+    finally:
+        model.train(was_training)
     return torch.cat(out).numpy().astype(float)
 
 

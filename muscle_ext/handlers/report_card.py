@@ -41,9 +41,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import DataLoader, Dataset
 from numpy.typing import ArrayLike
 
+from ..engines.adaptation import decode_batches, predict_probabilities
 from ..metrics import accuracy, roc_auc
 from ..metrics.bootstrap import bootstrap_ci, ci_dict
 from ..metrics.calibration import at_threshold, expected_calibration_error, operating_threshold
@@ -198,7 +198,9 @@ def check_report_card(source: str, task: str, operating_point: Any = "fixed", si
 class SplitScorer:
     """Positive-class probabilities of the evaluated network on datalist entries: the validator's network, device and
     inferer, through a given transform chain (the bundle's ``preprocessing`` + ``target`` + ``normalize`` +
-    ``select``), in eval mode and without gradients (the network's mode is restored).
+    ``select``), in eval mode and without gradients (the network's mode is restored). The adaptation engines'
+    scorer (:func:`~muscle_ext.engines.decode_batches` and :func:`~muscle_ext.engines.predict_probabilities`), a
+    batch at a time, bound to the evaluator's settings.
 
     Args:
         network: the task model (two logits per image).
@@ -219,31 +221,23 @@ class SplitScorer:
         self.image_key = image_key
         self.label_key = label_key
 
-    @torch.no_grad()
     def __call__(self, items: Sequence[Mapping[str, Any]], transform: Callable) -> tuple[np.ndarray, np.ndarray]:
-        """``(labels (N,) int64, probabilities (N,) float64)`` of ``items`` in their order.
+        """``(labels (N,) int64, probabilities (N,) float64)`` of ``items`` in their order (one-hot labels as class
+        indices).
 
         Raises:
-            ValueError: no items.
+            ValueError: no items, or items without a label.
         """
         if not items:
             raise ValueError("no entries to score")
-        loader = DataLoader(Dataset(list(items), transform), batch_size=self.batch_size, shuffle=False,
-                            num_workers=self.num_workers)
-        was_training = self.network.training
-        self.network.eval()
         labels, probs = [], []
-        try:
-            for batch in loader:
-                images = torch.as_tensor(batch[self.image_key]).to(self.device)
-                logits = self.inferer(images, self.network) if self.inferer is not None else self.network(images)
-                probs.append(torch.softmax(torch.as_tensor(logits).float(), dim=1)[:, 1].cpu())
-                label = torch.as_tensor(batch[self.label_key])
-                labels.append((label.argmax(dim=1) if label.ndim > 1 and label.shape[1] > 1 else label.view(-1))
-                              .long().cpu())
-        finally:
-            self.network.train(was_training)
-        return torch.cat(labels).numpy(), torch.cat(probs).numpy().astype(np.float64)
+        for images, batch_labels in decode_batches(items, transform, self.batch_size, self.num_workers,
+                                                   self.image_key, self.label_key):
+            if batch_labels is None:
+                raise ValueError(f"the transformed entries have no {self.label_key!r} to score against")
+            probs.append(predict_probabilities(self.network, images, len(images), self.inferer, self.device))
+            labels.append(batch_labels.numpy())
+        return np.concatenate(labels), np.concatenate(probs)
 
 
 def _at(labels: ArrayLike, probs: ArrayLike, threshold: float) -> dict[str, float]:
