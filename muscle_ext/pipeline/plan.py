@@ -350,20 +350,18 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
     for task, spec in down["tasks"].items():
         datalist = Path(spec["datalist"])
         plan = _TaskCommands(datalist, spec, down, common, backbones, nproc["downstream"], imagenet_weights)
-        start_of, fine_tuning, scoring_overrides = plan.start_of, plan.fine_tuning, plan.scoring_overrides
-        evaluate_configs = plan.evaluate_configs
 
         for start in starts:
             name = f"{task}_{start}"
             folder = out / "downstream" / name
-            init, needs, inputs = start_of(start)
-            train, evaluate, scoring = fine_tuning(folder, init)
+            init, needs, inputs = plan.start_of(start)
+            train, evaluate, scoring = plan.fine_tuning(folder, init)
             commands, outputs, extra = [train, evaluate], ["metrics.json"], {}
             if spec.get("external"):  # the same model on another site's test split, in its own folder
                 external = Path(spec["external"])
                 home = ({"operating_point_datalist": datalist}  # a threshold is chosen at home, then carried
                         if str(scoring.get("operating_point", "fixed")) != "fixed" else {})
-                commands.append(BundleCommand("downstream", evaluate_configs,
+                commands.append(BundleCommand("downstream", plan.evaluate_configs,
                                               {**scoring, **home, "datalist": external,
                                                "output_dir": folder / "external", "model_dir": folder / "models"}))
                 inputs = (*inputs, external)
@@ -372,7 +370,7 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
             if spec.get("simulated_site"):  # the test split as another detector would show it, then recalibrated
                 look = spec["simulated_site"]
                 recalibrate = ({"recalibrate_on": datalist} if spec["config"] == "classification.yaml" else {})
-                commands.append(BundleCommand("downstream", evaluate_configs,
+                commands.append(BundleCommand("downstream", plan.evaluate_configs,
                                               {**scoring, "simulated_site": look, **recalibrate,
                                                "output_dir": folder / "simulated", "model_dir": folder / "models"}))
                 extra = {**extra, "simulated_site": str(look)}
@@ -388,14 +386,14 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
         if efficiency is not None:  # fine-tuning on nested, stratified subsets of the training split, several seeds
             fractions, seeds, chosen = _label_efficiency(task, efficiency, starts, seed)
             for start in chosen:
-                init, needs, inputs = start_of(start)
+                init, needs, inputs = plan.start_of(start)
                 for fraction in fractions:
                     for run_seed in seeds:
                         if fraction == 1.0 and run_seed == seed:
                             continue  # the task's own stage is this run
                         name = f"{task}_{start}_fraction{_percent(fraction)}_seed{run_seed}"
                         folder = out / "card" / "label_efficiency" / name
-                        train, evaluate, _ = fine_tuning(folder, init, {"label_fraction": fraction}, run_seed)
+                        train, evaluate, _ = plan.fine_tuning(folder, init, {"label_fraction": fraction}, run_seed)
                         stages.append(Stage(name, folder, [train, evaluate], needs=needs, inputs=inputs,
                                             outputs=("metrics.json",),
                                             description=f"{task} from {start} on {_percent(fraction)} % of the "
@@ -406,19 +404,19 @@ def build_stages(preset: Mapping[str, Any], data: str | os.PathLike, out: str | 
         if protocols is not None:  # the same backbones judged frozen: a linear probe and kNN
             methods, chosen = _protocols(task, spec, protocols, starts)
             for start in chosen:
-                init, needs, inputs = start_of(start)
+                init, needs, inputs = plan.start_of(start)
                 for method in methods:
                     name = f"{task}_{start}_{method}"
                     folder = out / "card" / "protocols" / name
                     if method == "linear_probe":
-                        train, evaluate, _ = fine_tuning(folder, init, {"freeze_backbone": True})
+                        train, evaluate, _ = plan.fine_tuning(folder, init, {"freeze_backbone": True})
                         commands = [train, evaluate]
                     else:  # knn: nothing trains; the training split's embeddings vote
                         where = {"datalist": datalist, "output_dir": folder, **common}
                         sizes = {k: v for k, v in {**down.get("overrides", {}), **spec.get("overrides", {})}.items()
                                  if k in KNN_SETTINGS}
                         commands = [BundleCommand("downstream", ("common.yaml", spec["config"], "knn.yaml"),
-                                                  {**sizes, **_without(scoring_overrides, EVALUATE_ONLY),
+                                                  {**sizes, **_without(plan.scoring_overrides, EVALUATE_ONLY),
                                                    **where, **init})]
                     stages.append(Stage(name, folder, commands, needs=needs, inputs=inputs,
                                         outputs=("metrics.json",), description=f"{task}: {method} on {start}",
