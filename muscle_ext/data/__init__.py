@@ -22,13 +22,22 @@ from .label_fractions import k_shot_subset, label_fraction_subset
 from .leakage import Leak, find_leaks
 from .readers import LoadXRayd, XRayReader, XRayReadError, read_mask, read_xray, xray_format
 from .sampling import DrawSeededDataset, PooledSampler, dataset_weights, pool_weights
-from .transforms import CLAHE, AddTagsd, CLAHEd, SquarePixelResize, SquarePixelResized, xray_preprocessing
+from .transforms import (
+    CLAHE,
+    AddTagsd,
+    CLAHEd,
+    RobustIntensityScaled,
+    SquarePixelResize,
+    SquarePixelResized,
+    xray_preprocessing,
+)
 from .writers import SaveMaskd, case_id, dicom_patient_fields, write_csv, write_mask
 
 __all__ = [
     "CLAHE",
     "CONVERTERS",
     "AddTagsd",
+    "RobustIntensityScaled",
     "CLAHEd",
     "DatalistError",
     "DrawSeededDataset",

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.transforms import ScaleIntensityRangePercentilesd
 
 from ..settings import SettingsError
 from .backbone import BACKBONE_FORMAT, file_sha256
@@ -125,7 +126,7 @@ def describe_preprocessing(chain: Sequence | Mapping) -> dict:
     described: dict[str, Any] = {"clahe": False}
     for transform in getattr(chain, "transforms", chain):
         scaler = getattr(transform, "scaler", None)
-        if type(transform).__name__ == "ScaleIntensityRangePercentilesd" and scaler is not None:
+        if isinstance(transform, ScaleIntensityRangePercentilesd) and scaler is not None:
             described["lower_percentile"] = float(scaler.lower)
             described["upper_percentile"] = float(scaler.upper)
         clahe = getattr(transform, "clahe", None)
