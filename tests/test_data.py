@@ -251,6 +251,30 @@ def test_pooled_datasets_apply_their_own_preprocessing(xray_root, tmp_path):
         pool_datasets(subset, {"nih_chestxray14": pre["default"]})
 
 
+def test_a_disk_cache_is_never_read_back_stale(xray_root, tmp_path):
+    """One cache folder, reused with another image size and after a file was replaced under the same name: each
+    read gives what decoding now gives (MONAI's PersistentDataset keys only the item by default)."""
+    source = load_datalist(xray_root / "pneumonia_nih" / "datalist.json", "training")[:2]
+    items = []
+    for k, item in enumerate(source):
+        copy = tmp_path / f"image{k}.png"
+        copy.write_bytes(open(item["image"], "rb").read())
+        items.append({**item, "image": str(copy)})
+    cache = tmp_path / "cache"
+
+    def first(size: int, **kwargs) -> torch.Tensor:
+        return torch.as_tensor(make_dataset(items, xray_preprocessing("image", size=size), **kwargs)[0]["image"])
+
+    assert first(32, cache="disk", cache_dir=cache).shape[-1] == 32
+    assert first(48, cache="disk", cache_dir=cache).shape[-1] == 48
+    before = first(32, cache="disk", cache_dir=cache)
+    Image.fromarray(255 - np.asarray(Image.open(items[0]["image"]))).save(items[0]["image"])  # a new image, same name
+    after, fresh = first(32, cache="disk", cache_dir=cache), first(32)
+    torch.testing.assert_close(after, fresh)
+    assert not torch.allclose(after, before)
+    assert len(list(cache.glob("*.pt"))) == 3  # the first item at 32 and 48 px, and its replacement at 32 px
+
+
 def test_draw_seeded_pool_augments_by_seed_alone(xray_root):
     from muscle_ext.data.augment import moco_two_view_transforms
 

@@ -17,7 +17,7 @@ from .datalist import (
     validate_datalist,
     write_datalist,
 )
-from .datasets import make_dataset, pool_datasets, split_by_key
+from .datasets import cache_key, make_dataset, pool_datasets, split_by_key
 from .label_fractions import k_shot_subset, label_fraction_subset
 from .leakage import Leak, find_leaks
 from .readers import LoadXRayd, XRayReader, XRayReadError, read_mask, read_xray, xray_format
@@ -65,6 +65,7 @@ __all__ = [
     "dicom_patient_fields",
     "is_dicomdir",
     "load_datalist",
+    "cache_key",
     "make_dataset",
     "pool_datalists",
     "pool_datasets",

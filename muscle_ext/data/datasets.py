@@ -8,17 +8,24 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.data.utils import pickle_hashing
 from monai.transforms import Compose
 from torch.utils.data import ConcatDataset
 
-__all__ = ["make_dataset", "pool_datasets", "split_by_key"]
+__all__ = ["cache_key", "make_dataset", "pool_datasets", "split_by_key"]
 
 
 def make_dataset(data: Sequence[Mapping], transform: Callable | Sequence[Callable], cache: str = "none",
                  cache_dir: str | os.PathLike | None = None, cache_rate: float = 1.0, num_workers: int | None = 0,
                  progress: bool = False) -> Dataset:
     """``cache="none"``: decode every epoch; ``"memory"``: MONAI ``CacheDataset`` (the deterministic prefix of
-    the transform chain runs once); ``"disk"``: ``PersistentDataset`` in ``cache_dir`` (survives restarts)."""
+    the transform chain runs once); ``"disk"``: ``PersistentDataset`` in ``cache_dir`` (survives restarts), each
+    entry keyed by the item, the size and modification time of its files (:func:`cache_key`) and the deterministic
+    prefix of ``transform``, so that one folder can serve several runs and settings without a stale read.
+
+    Raises:
+        ValueError: an unknown ``cache``, or ``"disk"`` without ``cache_dir``.
+    """
     transform = transform if callable(transform) else Compose(list(transform))
     data = list(data)
     if cache == "none":
@@ -28,8 +35,21 @@ def make_dataset(data: Sequence[Mapping], transform: Callable | Sequence[Callabl
     if cache == "disk":
         if cache_dir is None:
             raise ValueError("cache='disk' needs a cache_dir")
-        return PersistentDataset(data, transform, cache_dir=cache_dir)
+        # keyed by the pre-processing too: a cache written at another image size or scaling is never read back
+        return PersistentDataset(data, transform, cache_dir=cache_dir, hash_func=cache_key,
+                                 hash_transform=pickle_hashing)
     raise ValueError(f"cache must be 'none', 'memory' or 'disk', got {cache!r}")
+
+
+def cache_key(item: Mapping) -> bytes:
+    """MONAI's ``pickle_hashing`` of a datalist item plus the size and modification time of every file it names,
+    so that a file replaced under the same name is decoded again rather than read stale from a disk cache."""
+    stats = {}
+    for key, value in item.items():
+        if isinstance(value, (str, os.PathLike)) and os.path.isfile(value):
+            info = os.stat(value)
+            stats[str(key)] = (info.st_size, info.st_mtime_ns)
+    return pickle_hashing({"item": dict(item), "files": stats})
 
 
 def split_by_key(data: Sequence[Mapping], key: str = "dataset", default: str = "default") -> dict[str, list[dict]]:
