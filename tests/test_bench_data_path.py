@@ -45,10 +45,13 @@ def test_classification_loader_and_step_on_real_images(bench, xray_root, tmp_pat
     assert bundle["configs"] == ["common.yaml", "classification.yaml", "quick.yaml"]
     entry = bundle["loaders"]["classification"]
     settings = entry["settings"]
-    # the overrides reach the loader; the rest is the preset's: memory cache, common.yaml's two workers
+    # the overrides reach the loader; the rest is the preset's (quick.yaml: memory cache; the workers of the configs)
+    config = bench.bundle_parser(bench.bundles()["classification"], xray_root, tmp_path / "unused", {})
     assert (settings["image_size"], settings["batch_size"]) == (32, 4)
+    assert config.get_parsed_content("cache") == "memory"
     assert settings["cache"] == "CacheDataset" and settings["items"] == settings["cached_items"] == 16
-    assert settings["num_workers"] == 2 and settings["persistent_workers"] is False
+    assert settings["num_workers"] == config.get_parsed_content("num_workers")
+    assert settings["persistent_workers"] is bool(config.get("train#dataloader#persistent_workers", False))
     assert settings["batches_per_epoch"] == 4
 
     assert len(entry["epochs"]) == 2
