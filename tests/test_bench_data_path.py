@@ -32,7 +32,7 @@ def test_rates_and_ratios_come_from_the_measured_numbers(bench):
 def test_classification_loader_and_step_on_real_images(bench, xray_root, tmp_path):
     args = bench.arguments(["--data", str(xray_root), "--bundles", "classification", "--epochs", "2", "--steps", "1",
                             "--rounds", "1", "--profile", "all", "--profile-items", "4", "--threshold", "1e9",
-                            "--override", "max_items=16", "image_size=32", "batch_size=4",
+                            "--override", "max_items=16", "image_size=32", "batch_size=4", "--decode-items", "2",
                             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])
     saved = bench.run(args)
     on_disk = json.loads((tmp_path / "out" / "data_path.json").read_text())
@@ -82,3 +82,10 @@ def test_classification_loader_and_step_on_real_images(bench, xray_root, tmp_pat
     # the reading names the flagged loader and the heaviest steps of its profile
     assert "- classification is below 1000000000.0x in cached epochs" in text
     assert f"`{profile['top'][0][0]}` {profile['top'][0][1]} ms" in text
+
+    decoding = saved["decoding"]  # MONAI's percentile scaling against ours, on the same real images
+    assert set(decoding["datasets"]) == {"pneumonia_nih", "pretrain pool"} and decoding["items"] == 2
+    for d in decoding["datasets"].values():
+        assert d["monai_ms_per_item"] > 0 and d["ours_ms_per_item"] > 0
+        assert d["speedup"] == pytest.approx(d["monai_ms_per_item"] / d["ours_ms_per_item"], rel=0.02)
+    assert "## Decoding: MONAI's percentile scaling against ours" in text
