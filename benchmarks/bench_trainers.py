@@ -25,7 +25,8 @@ schedule step, plus what the trainer's step computes besides: MoCo's key-encoder
 trainer's L2-SP pull towards the start-of-visit backbone (the same schedule of task visits), detection's gradient
 clipping.
 
-Rounds of ``--steps`` iterations alternate engine, reference, engine, reference, ...; the first pair is warm-up, and
+Rounds of ``--steps`` iterations come in pairs, engine first in one pair and reference first in the next (ABBA, so
+that drift favours neither); the first pair is warm-up, and
 also checks that both compute the same first loss from the same weights and batch (equal work). Reported: the median
 images/s of each over ``--repeats`` timed rounds, engine / reference, and a flag below 0.95. A flagged trainer gets
 one more round of each under cProfile: the functions only the engine calls, with their time per iteration, go into
@@ -556,7 +557,9 @@ def measure(pair: Pair, args: argparse.Namespace) -> dict:
     drift = weight_difference(*pair.networks) if pair.networks else None  # after the same steps on the same batches
     rates: dict[str, list[float]] = {"engine": [], "reference": []}
     for r in range(args.repeats):
-        for side in ("engine", "reference"):
+        # engine first in even rounds, the plain loop first in odd ones: a machine that speeds up or slows down
+        # during a pair favours neither side
+        for side in ("engine", "reference") if r % 2 == 0 else ("reference", "engine"):
             gc.collect()
             n, seconds = pair.engine_round() if side == "engine" else pair.reference_round()
             rates[side].append(n / seconds)
@@ -613,7 +616,9 @@ def markdown(result: dict) -> str:
              f"Commit {result['commit']}, {result['when']}.", "",
              f"Command: `{result['command']}`", "",
              f"{s['image_size']} px, batch {s['batch_size']}, {s['steps']} iterations per round; a warm-up pair, then "
-             f"timed rounds ({s['repeats']} of each), engine and plain loop alternating; the median of each. Synthetic "
+             f"timed rounds ({s['repeats']} of each), engine and plain loop alternating"
+             f"{' (engine first, then plain loop first: ABBA)' if s.get('order') == 'abba' else ''}; the median of "
+             "each. Synthetic "
              "in-memory batches (no loading, no augmentation): the engine gets the bundle pipeline's types, the plain "
              "loop plain tensors. Engines are built from the bundle configs (train config + quick.yaml) with their "
              "per-iteration handlers (LR schedule, loss logging, memorization); validation, checkpoints, exports, "
@@ -723,7 +728,8 @@ def main() -> None:
     log_to_file(args.work / "engines.log")
     settings = {"image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
                 "repeats": args.repeats, "threshold": args.threshold, "seed": args.seed,
-                "continual_tasks": args.continual_tasks, "meta_inputs": args.meta_inputs, "device": "?"}
+                "continual_tasks": args.continual_tasks, "meta_inputs": args.meta_inputs, "order": "abba",
+                "device": "?"}
     results: dict[str, dict] = {}
     for name in args.only:
         start = time.perf_counter()
