@@ -20,8 +20,8 @@ Parts (``--parts``, comma-separated; default all four):
     of pretrain_datalist.json's training section, so that 4x is the whole real pool; beyond the pool entries repeat
     under a distinct ``pool_copy`` key, said in the table), the same number of epochs, an epoch one pass over the pool
     (``--pool-draws pool``; ``quick``: quick.yaml's 640 draws whatever the pool) and the kNN monitor off (a fixed cost
-    per epoch that would hide per-image growth); with ``cache: memory`` (the default) and ``cache: disk``
-    (PersistentDataset). Wall time, training time (the trainer's own), their time per 1000 pool images against 1x
+    per epoch that would hide per-image growth); with ``cache: memory`` and ``cache: disk`` (the default since 49b4e63,
+    PersistentDataset). Wall time, training time (the trainer's own), their time per 1000 pool images against 1x
     and the growth exponent ``log(t_4x / t_1x) / log 4`` (1 = linear), peak RSS and its growth per 1000 images.
 ``continual`` The continual stage's quick preset with 2, 3 and 4 tasks (pneumonia, knee, lung, tb in that order), from
     random weights (``--init scratch``; starting weights change neither time nor memory).
@@ -738,12 +738,20 @@ def reading(result: Mapping) -> list[str]:
                    "validations per round), so more-than-linear growth is expected there.")
     ddp = parts.get("ddp")
     if ddp and ddp.get("efficiency") is not None:
-        out.append(f"- DDP on {ddp['cores']} cores: speed-up {ddp['speedup']}, efficiency {ddp['efficiency']}. One "
-                   f"process already uses all {ddp['cores']} cores with {ddp['cores']} torch threads; two processes "
-                   "share the same cores with 1 thread each and add a gloo all-reduce of the gradients every step and "
-                   "the all-gather of the keys for shuffle-BN, so on a CPU the best to expect is a speed-up near 1 "
-                   "(efficiency near 0.5): DDP here tests correctness, not speed. On GPUs each process has its own "
-                   "device and the efficiency is what this number would mean.")
+        head = (f"- DDP on {ddp['cores']} cores: speed-up {ddp['speedup']}, efficiency {ddp['efficiency']}. Both "
+                f"runs share the same {ddp['cores']} cores: one process with {ddp['cores']} torch threads, or two "
+                "with 1 thread each that also all-reduce their gradients (gloo) and all-gather the keys for "
+                "shuffle-BN at every step. ")
+        if ddp["efficiency"] >= 0.8:
+            out.append(head + "That two processes nearly double the samples/s says that one process leaves these "
+                       "cores partly idle at this image and batch size (intra-op threads of small convolutions "
+                       "wait on each other, and its DataLoader workers compete with them), not that DDP scales on "
+                       "a CPU: the cores are the same. On GPUs each process has its own device, and this number "
+                       "would be the scaling efficiency.")
+        else:
+            out.append(head + "With the cores shared, a speed-up near 1 (efficiency near 0.5) is what to expect: "
+                       "DDP on a CPU tests correctness, not speed. On GPUs each process has its own device, and "
+                       "this number would be the scaling efficiency.")
     return out
 
 
