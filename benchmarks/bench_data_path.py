@@ -627,9 +627,10 @@ def relative(path: str | os.PathLike) -> str:
     p = Path(path)
     if not p.is_absolute():
         return str(p)
+    absolute = Path(os.path.abspath(p))  # symbolic links kept: ../shared may be one
     with contextlib.suppress(ValueError):
-        p.resolve().relative_to(REPO.parent)
-        return os.path.relpath(p.resolve(), REPO)
+        absolute.relative_to(REPO.parent)
+        return os.path.relpath(absolute, REPO)
     return str(p)
 
 
@@ -685,7 +686,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--override takes KEY=VALUE, got {bad}")
     args.overrides = {k: parse_value(v) for k, v in (o.split("=", 1) for o in args.override)}
     if not args.data.is_absolute():
-        args.data = (REPO / args.data).resolve()
+        args.data = Path(os.path.abspath(REPO / args.data))  # not resolve(): a linked ../shared stays relative
     return args
 
 
