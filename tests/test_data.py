@@ -275,6 +275,29 @@ def test_a_disk_cache_is_never_read_back_stale(xray_root, tmp_path):
     assert len(list(cache.glob("*.pt"))) == 3  # the first item at 32 and 48 px, and its replacement at 32 px
 
 
+def test_a_cache_file_cut_short_is_decoded_again(xray_root, tmp_path):
+    """A truncated cache file (a run killed while another file system copied it in, or a file another worker is
+    still copying) is decoded again and rewritten, where MONAI's PersistentDataset would stop the run."""
+    items = load_datalist(xray_root / "pneumonia_nih" / "datalist.json", "training")[:1]
+    cache = tmp_path / "cache"
+    fresh = torch.as_tensor(make_dataset(items, xray_preprocessing("image", size=32))[0]["image"])
+    make_dataset(items, xray_preprocessing("image", size=32), cache="disk", cache_dir=cache)[0]
+    (written,) = cache.glob("*.pt")
+    whole = written.read_bytes()
+    written.write_bytes(whole[: len(whole) // 2])
+    again = make_dataset(items, xray_preprocessing("image", size=32), cache="disk", cache_dir=cache)[0]["image"]
+    torch.testing.assert_close(torch.as_tensor(again), fresh)
+    assert written.stat().st_size == len(whole)  # rewritten whole
+    with pytest.raises(RuntimeError) as stopped:  # a transform's own error still stops, naming the file
+        make_dataset([{"image": str(tmp_path / "nope.png")}], xray_preprocessing("image", size=32), cache="disk",
+                     cache_dir=cache)[0]
+    chain, error = [], stopped.value
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__ or error.__context__
+    assert any("nope.png" in text for text in chain), chain
+
+
 def test_draw_seeded_pool_augments_by_seed_alone(xray_root):
     from muscle_ext.data.augment import moco_two_view_transforms
 

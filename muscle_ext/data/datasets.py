@@ -3,16 +3,20 @@ with its own pre-processing, for MD-MoCo."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.data.utils import pickle_hashing
 from monai.transforms import Compose
 from torch.utils.data import ConcatDataset
 
-__all__ = ["cache_key", "make_dataset", "pool_datasets", "split_by_key"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["RecomputingPersistentDataset", "cache_key", "make_dataset", "pool_datasets", "split_by_key"]
 
 
 def make_dataset(data: Sequence[Mapping], transform: Callable | Sequence[Callable], cache: str = "none",
@@ -21,7 +25,8 @@ def make_dataset(data: Sequence[Mapping], transform: Callable | Sequence[Callabl
     """``cache="none"``: decode every epoch; ``"memory"``: MONAI ``CacheDataset`` (the deterministic prefix of
     the transform chain runs once); ``"disk"``: ``PersistentDataset`` in ``cache_dir`` (survives restarts), each
     entry keyed by the item, the size and modification time of its files (:func:`cache_key`) and the deterministic
-    prefix of ``transform``, so that one folder can serve several runs and settings without a stale read.
+    prefix of ``transform`` (its settings, not its code), so that one folder can serve several runs and settings;
+    a cache file cut short is decoded again (:class:`RecomputingPersistentDataset`).
 
     Raises:
         ValueError: an unknown ``cache``, or ``"disk"`` without ``cache_dir``.
@@ -36,9 +41,31 @@ def make_dataset(data: Sequence[Mapping], transform: Callable | Sequence[Callabl
         if cache_dir is None:
             raise ValueError("cache='disk' needs a cache_dir")
         # keyed by the pre-processing too: a cache written at another image size or scaling is never read back
-        return PersistentDataset(data, transform, cache_dir=cache_dir, hash_func=cache_key,
-                                 hash_transform=pickle_hashing)
+        return RecomputingPersistentDataset(data, transform, cache_dir=cache_dir, hash_func=cache_key,
+                                            hash_transform=pickle_hashing)
     raise ValueError(f"cache must be 'none', 'memory' or 'disk', got {cache!r}")
+
+
+class RecomputingPersistentDataset(PersistentDataset):
+    """MONAI's ``PersistentDataset`` that decodes an item again when its cache file is cut short, instead of
+    stopping. MONAI writes each file in the system's temporary folder and moves it into ``cache_dir``; across file
+    systems that move is a copy, so a DataLoader worker or DDP rank may open a file another one is still copying,
+    and a run killed mid-copy leaves a truncated file that its resumed run would read. MONAI recomputes only files
+    whose pickle is corrupt, not a truncated archive (``RuntimeError``, ``EOFError``)."""
+
+    def _cachecheck(self, item_transformed: Any) -> Any:
+        try:
+            return super()._cachecheck(item_transformed)
+        except (RuntimeError, EOFError):
+            hashfile = self.cache_dir / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}.pt"
+            if not hashfile.is_file():
+                raise  # not the cache file: the transforms' own error
+            try:
+                return torch.load(hashfile, weights_only=self.weights_only)  # another process finished copying it
+            except (RuntimeError, EOFError):
+                logger.warning(f"cache file {hashfile.name} is cut short: decoding its image again")
+                hashfile.unlink(missing_ok=True)
+            return super()._cachecheck(item_transformed)
 
 
 def cache_key(item: Mapping) -> bytes:

@@ -198,9 +198,9 @@ class _SelectedPercentiles(ScaleIntensityRangePercentiles):
 class RobustIntensityScaled(ScaleIntensityRangePercentilesd):
     """MONAI's :class:`~monai.transforms.ScaleIntensityRangePercentilesd` (map the ``lower``..``upper`` intensity
     percentiles to ``b_min``..``b_max``), the same values (within float32 rounding), with CPU percentiles found by
-    selection (``numpy.percentile``) rather than a full sort (``torch.quantile``). The whole loading chain of a
-    256 x 256 PNG takes 5.3 instead of 11.7 ms on 2 quiet cores, and 10-20x less when other work shares the cores,
-    where torch's threaded sort stalls (``benchmarks/results/data_path.md``). Arguments and errors as MONAI's."""
+    selection (``numpy.percentile``) rather than a full sort (``torch.quantile``): the whole loading chain of a
+    256 x 256 PNG took 5.3 instead of 11.7 ms here (``benchmarks/results/data_path.md``). Arguments as MONAI's;
+    integer or float16 CPU images, which ``torch.quantile`` refuses, are scaled too."""
 
     def __init__(self, keys: KeysCollection, lower: float, upper: float, b_min: float | None, b_max: float | None,
                  clip: bool = False, relative: bool = False, channel_wise: bool = False,

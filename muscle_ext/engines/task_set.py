@@ -194,7 +194,7 @@ class TaskSet:
     @staticmethod
     def _plain_tensors(keys: list[str], training: bool) -> list:
         # training batches as plain tensors: MetaTensor bookkeeping in every layer costs ~3 % of a step and no
-        # training handler reads the meta data; evaluation keeps it (benchmarks/results/trainers.md)
+        # training handler reads the meta data; the evaluation chains do not convert (benchmarks/results/trainers.md)
         return [EnsureTyped(keys=keys, track_meta=False)] if training else []
 
     def _collate(self, name: str) -> Any:
