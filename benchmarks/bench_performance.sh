@@ -2,6 +2,7 @@
 # Issue #19 in one command: every measurement of the performance issue, one after another on this machine
 # (about 70 minutes on 2 quiet cores). From the repository root, after the README's install:
 #   bash benchmarks/bench_performance.sh [data folder, default ../shared/data/xray]
+# (PYTHON=/path/to/python to use another interpreter than .venv/bin/python)
 # 1. each bundle's trainer against its plain-PyTorch loop            -> benchmarks/results/trainers.{json,md}
 # 2. each bundle's training data pipeline against its training step -> benchmarks/results/data_path.{json,md}
 #    (and MONAI's percentile scaling against ours on the same images)
